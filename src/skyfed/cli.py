@@ -1,0 +1,98 @@
+"""The `skyfed` command: parse, call the library, print. Errors become one line and exit 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from skyfed.errors import SkyfedError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated training of language models across clouds.")
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    config: Optional[Path] = typer.Argument(None, help="experiment YAML (default: the three-cloud preset)"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="named experiment preset"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set train.lr=0.001"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/NAME-TIME)"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="centralized baseline instead: sync | sequential"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Run a federated experiment in simulation (or a centralized baseline)."""
+    from skyfed.config import load_config
+    from skyfed.ui import ProgressView, print_summary
+
+    cfg = load_config(config, preset, set_)
+    view = ProgressView(console, enabled=not quiet)
+    with view:
+        if baseline is not None:
+            from skyfed.baselines import run_baseline
+
+            run_dir, summary = run_baseline(cfg, baseline, out, view.handle)
+        else:
+            from skyfed.runtime.simulation import run_simulation
+
+            run_dir, summary = run_simulation(cfg, out, view.handle)
+    print_summary(console, run_dir.path, summary)
+
+
+@app.command()
+def presets() -> None:
+    """List experiment presets and model presets."""
+    from rich.table import Table
+
+    from skyfed.config import PRESETS
+    from skyfed.model import MODEL_PRESETS
+
+    table = Table(title="experiment presets (--preset)")
+    table.add_column("name")
+    table.add_column("description")
+    for name, fn in PRESETS.items():
+        table.add_row(name, (fn.__doc__ or "").strip().splitlines()[0])
+    console.print(table)
+    models = Table(title="model presets (model.preset)")
+    models.add_column("name")
+    models.add_column("description")
+    for name, (desc, _) in MODEL_PRESETS.items():
+        models.add_row(name, desc)
+    console.print(models)
+
+
+@app.command()
+def generate(
+    model_dir: Path = typer.Argument(..., help="a run's model/ directory"),
+    prompt: str = typer.Option("The", "--prompt", help="text to continue"),
+    max_new_tokens: int = typer.Option(60, "--max-new-tokens"),
+    temperature: float = typer.Option(0.8, "--temperature"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Sample text from a trained model directory."""
+    from skyfed.generate import sample_text
+
+    console.print(sample_text(model_dir, prompt, max_new_tokens, temperature, seed), highlight=False)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return app(args=argv, standalone_mode=True)
+    except SkyfedError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Serialization of models and updates into wire bytes (and, later, codecs)."""

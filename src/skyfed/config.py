@@ -1,0 +1,230 @@
+"""Experiment configuration: a pydantic schema, named presets, YAML files and --set overrides.
+
+Every section is strict (an unknown key is an error that names it). Presets are plain
+functions returning a whole experiment config as a dict (as in torchtitan's config
+registry); `load_config` merges preset, YAML file and `key.path=value` overrides, in
+that order, and validates once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from skyfed.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PartitionConfig(Section):
+    """How one corpus is split across clients (ignored for clients with their own data)."""
+
+    method: Literal["iid", "natural"] = "iid"
+    seed: int | None = None  # defaults to the experiment seed
+
+
+class DataConfig(Section):
+    path: str = "wikitext2"  # "wikitext2" = the bundled copy; or a file, folder or .jsonl
+    format: Literal["auto", "wikitext", "txt", "jsonl"] = "auto"
+    valid_path: str | None = None  # defaults to the corpus' own valid split, else carved
+    valid_fraction: float = Field(0.05, gt=0, lt=1)
+    max_train_tokens: int | None = Field(None, gt=0)  # truncate (smoke runs)
+    max_valid_tokens: int | None = Field(None, gt=0)
+    partition: PartitionConfig = PartitionConfig()
+
+
+class TokenizerConfig(Section):
+    path: str | None = None  # a local Hugging Face tokenizer directory; else train BPE
+    vocab_size: int = Field(4096, ge=260, le=65535 * 4)
+    min_frequency: int = Field(2, ge=1)
+
+
+class ModelConfig(Section):
+    preset: str = "gpt2-tiny"
+    path: str | None = None  # a local pretrained HF model directory (overrides preset)
+    overrides: dict[str, Any] = {}  # fields of the transformers config
+
+
+class TrainConfig(Section):
+    local_steps: int = Field(40, ge=1)
+    batch_size: int = Field(16, ge=1)
+    seq_len: int = Field(128, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    optimizer_state: Literal["keep", "reset"] = "keep"  # AdamW state across rounds
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(16, ge=1)
+    max_batches: int | None = Field(16, ge=1)  # per round; None = the whole split
+    final_max_batches: int | None = Field(None, ge=1)  # after the last round
+
+
+class ClientSpec(Section):
+    name: str
+    cloud: str | None = None  # the cloud profile; defaults to the name
+    data: str | None = None  # the client's own corpus (deployment); else a partition
+
+
+class StrategyConfig(Section):
+    name: str = "fedavg"
+    params: dict[str, Any] = {}
+
+
+class FederationConfig(Section):
+    rounds: int = Field(10, ge=1)
+    clients: list[ClientSpec] = [ClientSpec(name="aws"), ClientSpec(name="gcp"), ClientSpec(name="azure")]
+    fraction: float = Field(1.0, gt=0, le=1)
+    min_clients: int = Field(1, ge=1)
+    strategy: StrategyConfig = StrategyConfig()
+    max_update_bytes: int = Field(8 * 2**30, ge=1)
+    round_timeout_s: float | None = Field(None, gt=0)  # deadline for a round's updates
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "FederationConfig":
+        names = [c.name for c in self.clients]
+        if len(set(names)) != len(names):
+            raise ValueError(f"client names must be unique, got {names}")
+        if not names:
+            raise ValueError("at least one client is needed")
+        return self
+
+
+class ExperimentConfig(Section):
+    name: str = "default"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = Field(None, ge=1)  # torch CPU threads; None = torch's default
+    out_dir: str = "runs"
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    federation: FederationConfig = FederationConfig()
+
+
+# ---------------------------------------------------------------- presets
+
+
+def _default() -> dict[str, Any]:
+    """Three clouds (aws, gcp, azure) train gpt2-tiny on WikiText-2 with FedAvg."""
+    return ExperimentConfig().model_dump(mode="json")
+
+
+def _smoke() -> dict[str, Any]:
+    """A seconds-long end-to-end run: tiny model, small data, two rounds."""
+    cfg = _default()
+    cfg["name"] = "smoke"
+    cfg["data"].update(max_train_tokens=60_000, max_valid_tokens=8_000)
+    cfg["tokenizer"]["vocab_size"] = 512
+    cfg["model"]["preset"] = "gpt2-micro"
+    cfg["train"].update(local_steps=5, batch_size=4, seq_len=32, warmup_steps=2)
+    cfg["eval"].update(batch_size=8, max_batches=4, final_max_batches=8)
+    cfg["federation"]["rounds"] = 2
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], dict[str, Any]]] = {"default": _default, "smoke": _smoke}
+
+
+def register_preset(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+    PRESETS[name] = fn
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=3` -> ("a.b", 3); the value is parsed as YAML (numbers, lists, bools)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=0.001")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    got = first.get("input")
+    detail = "" if isinstance(got, (dict, list)) or first["type"] == "extra_forbidden" else f" (got {got!r})"
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"{source}: {where}: {msg}{detail}{more}"
+
+
+def load_config(
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+) -> ExperimentConfig:
+    """Preset (default "default") <- YAML file <- overrides, validated once."""
+    name = preset or "default"
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+    tree = PRESETS[name]()
+    source = f"preset {name!r}"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = _deep_merge(tree, loaded)
+        source = str(path)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_path(tree, key, value)
+        source = f"{source} with --set"
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("params", "overrides"):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""The federation engine, its messages, transports and aggregation strategies."""

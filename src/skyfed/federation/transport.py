@@ -1,0 +1,29 @@
+"""The seam between the engine and the clients.
+
+The engine sends tasks and receives results; it never knows whether the clients are
+objects in this process (simulation) or processes on other clouds (gRPC). `send` does
+not wait; `receive` returns the next finished result in arrival order.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from skyfed.federation.messages import ClientResult, TrainTask
+
+
+class Transport(ABC):
+    @abstractmethod
+    def client_names(self) -> list[str]:
+        """The clients this transport can reach, in configuration order."""
+
+    @abstractmethod
+    def send(self, client: str, task: TrainTask) -> None:
+        """Dispatch a task to a client without waiting for its result."""
+
+    @abstractmethod
+    def receive(self, timeout: float | None = None) -> ClientResult | None:
+        """The next result to arrive, or None when `timeout` seconds pass first."""
+
+    def close(self) -> None:
+        """Release connections and tell clients that training is over."""

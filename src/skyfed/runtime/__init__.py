@@ -1,0 +1,1 @@
+"""Ways to run the engine: in-process simulation, gRPC deployment."""

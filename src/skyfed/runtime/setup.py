@@ -1,0 +1,112 @@
+"""Everything a run needs before round 0: data, tokenizer, shards, models, clients.
+
+Shared by the simulation, the baselines and the gRPC server and client, so that what
+is tested in simulation is what runs in deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skyfed.config import ExperimentConfig
+from skyfed.data.corpus import load_corpus, read_documents
+from skyfed.data.partition import partition_documents
+from skyfed.data.shards import TokenShard, tokenize_documents
+from skyfed.data.tokenizer import get_tokenizer
+from skyfed.errors import DataError
+from skyfed.federation.client import FederatedClient
+from skyfed.model import build_model, federated_parameter_names, resolve_device
+from skyfed.train import EvalResult, LocalTrainer, evaluate, unigram_perplexity
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SKYFED_CACHE", Path.home() / ".cache" / "skyfed"))
+
+
+@dataclass
+class PreparedData:
+    tokenizer: object  # a transformers PreTrainedTokenizerFast
+    tokenizer_key: str
+    train: TokenShard
+    valid: TokenShard
+    client_tokens: dict[str, np.ndarray]
+    client_docs: dict[str, int]
+    unigram_ppl: float
+
+
+def apply_threads(cfg: ExperimentConfig) -> None:
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+
+
+def prepare_data(cfg: ExperimentConfig) -> PreparedData:
+    """Load, tokenize (cached) and partition the corpus; clients with `data` get their own."""
+    d = cfg.data
+    corpus = load_corpus(d.path, d.format, d.valid_path, d.valid_fraction, cfg.seed)
+    tokenizer, tok_key = get_tokenizer(
+        corpus.train, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, cache_dir(), cfg.tokenizer.path
+    )
+    train = tokenize_documents(corpus.train, tokenizer, tok_key, cache_dir()).truncate(d.max_train_tokens)
+    valid = tokenize_documents(corpus.valid, tokenizer, tok_key, cache_dir()).truncate(d.max_valid_tokens)
+    need = cfg.train.seq_len + 2
+    if valid.num_tokens < need:
+        raise DataError(f"{d.valid_path or d.path}: validation split has {valid.num_tokens} tokens, need at least {need}")
+    specs = cfg.federation.clients
+    shared = [c.name for c in specs if c.data is None]
+    client_tokens: dict[str, np.ndarray] = {}
+    client_docs: dict[str, int] = {}
+    if shared:
+        seed = cfg.seed if d.partition.seed is None else d.partition.seed
+        parts = partition_documents(d.partition.method, train.doc_lengths(), len(shared), seed)
+        for name, idx in zip(shared, parts):
+            shard = train.subset(idx)
+            client_tokens[name], client_docs[name] = shard.tokens, shard.num_docs
+    for spec in specs:
+        if spec.data is not None:
+            shard = tokenize_documents(read_documents(spec.data, d.format), tokenizer, tok_key, cache_dir())
+            client_tokens[spec.name], client_docs[spec.name] = shard.tokens, shard.num_docs
+    for name, tokens in client_tokens.items():
+        if len(tokens) < need:
+            raise DataError(f"client {name!r} has {len(tokens)} training tokens, need at least {need} for one window")
+    ordered = {c.name: client_tokens[c.name] for c in specs}
+    pooled = np.concatenate(list(ordered.values()))
+    return PreparedData(
+        tokenizer, tok_key, train, valid, ordered, client_docs, unigram_perplexity(pooled, valid.tokens, len(tokenizer))
+    )
+
+
+def new_model(cfg: ExperimentConfig, tokenizer) -> torch.nn.Module:
+    return build_model(
+        cfg.model.preset, len(tokenizer), tokenizer.eos_token_id, cfg.model.overrides, cfg.model.path, cfg.seed
+    )
+
+
+def make_evaluator(cfg: ExperimentConfig, valid_tokens: np.ndarray, device: torch.device):
+    def run_eval(model: torch.nn.Module, max_batches: int | None) -> EvalResult:
+        return evaluate(model, valid_tokens, cfg.train.seq_len, cfg.eval.batch_size, device, max_batches)
+
+    return run_eval
+
+
+def make_client(
+    cfg: ExperimentConfig, name: str, index: int, tokens: np.ndarray, tokenizer, device: torch.device
+) -> FederatedClient:
+    model = new_model(cfg, tokenizer)
+    total_steps = cfg.federation.rounds * cfg.train.local_steps
+    trainer = LocalTrainer(model, cfg.train, device, total_steps)
+    return FederatedClient(
+        name, tokens, trainer, federated_parameter_names(model), seed=cfg.seed * 1000 + index,
+        max_payload_bytes=cfg.federation.max_update_bytes,
+    )
+
+
+def device_for(cfg: ExperimentConfig) -> torch.device:
+    return resolve_device(cfg.device)

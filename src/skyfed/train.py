@@ -1,0 +1,160 @@
+"""Local training and evaluation in plain PyTorch.
+
+`LocalTrainer.train` runs K steps of AdamW on random windows of a client's tokens with
+gradient clipping and a warmup + cosine schedule over the whole run; `evaluate`
+returns loss, perplexity and next-token top-1 accuracy on evenly spaced windows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from skyfed.config import TrainConfig
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    tokens: int
+    loss_mean: float
+    loss_last: float
+    seconds: float
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    ppl: float
+    token_acc: float
+    tokens: int
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to `min_lr_ratio * lr` at `total_steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def sample_windows(tokens: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor:
+    """`batch_size` random windows of `seq_len + 1` consecutive tokens, as int64."""
+    if len(tokens) < seq_len + 2:
+        raise ValueError(f"shard of {len(tokens)} tokens is shorter than one window of {seq_len + 1}")
+    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
+    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
+    return torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
+
+
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean next-token cross-entropy, logits) for a batch of windows."""
+    logits = model(input_ids=batch[:, :-1]).logits
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), batch[:, 1:].reshape(-1))
+    return loss, logits
+
+
+class LocalTrainer:
+    """One client's model and optimizer; the optimizer state may persist across rounds."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device, total_steps: int):
+        self.model = model.to(device)
+        self.cfg = cfg
+        self.device = device
+        self.total_steps = total_steps
+        self.step = 0  # local steps taken so far (drives the schedule)
+        self.optimizer = self._new_optimizer()
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas)
+
+    def train(
+        self,
+        tokens: np.ndarray,
+        steps: int,
+        rng: np.random.Generator,
+        prox_mu: float = 0.0,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> TrainStats:
+        """`steps` AdamW steps; with `prox_mu` > 0 adds FedProx's mu/2 ||theta - theta_start||^2."""
+        if self.cfg.optimizer_state == "reset":
+            self.optimizer = self._new_optimizer()
+        self.model.train()
+        anchor = [p.detach().clone() for p in self.model.parameters()] if prox_mu > 0 else None
+        losses: list[float] = []
+        start = time.perf_counter()
+        for i in range(steps):
+            lr = lr_at(self.step, self.total_steps, self.cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            batch = sample_windows(tokens, self.cfg.batch_size, self.cfg.seq_len, rng).to(self.device)
+            loss, _ = lm_loss(self.model, batch)
+            objective = loss
+            if anchor is not None:
+                prox = sum((p - a).pow(2).sum() for p, a in zip(self.model.parameters(), anchor))
+                objective = loss + 0.5 * prox_mu * prox
+            self.optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            losses.append(loss.item())
+            if on_step is not None:
+                on_step(i + 1, losses[-1])
+        seconds = time.perf_counter() - start
+        return TrainStats(steps, steps * self.cfg.batch_size * self.cfg.seq_len, float(np.mean(losses)), losses[-1], seconds)
+
+
+def eval_windows(num_tokens: int, seq_len: int, max_windows: int | None) -> np.ndarray:
+    """Start offsets of non-overlapping windows, evenly spread over the split."""
+    n_all = max(1, (num_tokens - 1) // seq_len)
+    if max_windows is None or max_windows >= n_all:
+        return np.arange(n_all) * seq_len
+    return np.linspace(0, n_all - 1, max_windows).round().astype(np.int64) * seq_len
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    max_batches: int | None = None,
+) -> EvalResult:
+    """Mean loss, perplexity and next-token top-1 accuracy on fixed windows."""
+    was_training = model.training
+    model.eval()
+    seq_len = min(seq_len, len(tokens) - 1)
+    starts = eval_windows(len(tokens), seq_len, None if max_batches is None else max_batches * batch_size)
+    total_loss, correct, count = 0.0, 0, 0
+    for b in range(0, len(starts), batch_size):
+        idx = starts[b : b + batch_size, None] + np.arange(seq_len + 1)[None, :]
+        batch = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64)).to(device)
+        loss, logits = lm_loss(model, batch)
+        n = batch[:, 1:].numel()
+        total_loss += loss.item() * n
+        correct += int((logits.argmax(-1) == batch[:, 1:]).sum())
+        count += n
+    model.train(was_training)
+    mean = total_loss / count
+    return EvalResult(mean, math.exp(min(mean, 50.0)), correct / count, count)
+
+
+def unigram_perplexity(train_tokens: np.ndarray, valid_tokens: np.ndarray, vocab_size: int) -> float:
+    """Perplexity on `valid_tokens` of the add-one smoothed unigram model of `train_tokens`."""
+    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(np.exp(-logp[np.asarray(valid_tokens)].mean()))
