@@ -148,9 +148,9 @@ class Engine:
         """Receive one result per selected client; reject bad, late, foreign or duplicate ones."""
         out = RoundOutcome()
         waiting = set(selected)
-        end = None if deadline_s is None else time.monotonic() + deadline_s
+        end = None if deadline_s is None else self.transport.now() + deadline_s
         while waiting:
-            timeout = None if end is None else max(0.0, end - time.monotonic())
+            timeout = None if end is None else max(0.0, end - self.transport.now())
             result = self.transport.receive(timeout)
             if result is None:
                 break

@@ -7,6 +7,7 @@ not wait; `receive` returns the next finished result in arrival order.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 
 from skyfed.federation.messages import ClientResult, TrainTask
@@ -23,7 +24,14 @@ class Transport(ABC):
 
     @abstractmethod
     def receive(self, timeout: float | None = None) -> ClientResult | None:
-        """The next result to arrive, or None when `timeout` seconds pass first."""
+        """The next result to arrive, or None when `timeout` seconds pass first.
+
+        Seconds are on this transport's clock (`now`): simulated seconds in a
+        simulation, real seconds in a deployment."""
+
+    def now(self) -> float:
+        """This transport's clock in seconds (real time unless simulated)."""
+        return time.monotonic()
 
     def close(self) -> None:
         """Release connections and tell clients that training is over."""
