@@ -50,6 +50,29 @@ def run(
 
 
 @app.command()
+def partition(
+    config: Optional[Path] = typer.Argument(None, help="experiment YAML (default: the three-cloud preset)"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="named experiment preset"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set data.partition.alpha=0.1"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default OUT_DIR/NAME-partition)"),
+) -> None:
+    """Split the corpus across the clients; write the shards, partition.json and partition.png."""
+    from skyfed.config import load_config
+    from skyfed.partition_report import partition_table
+    from skyfed.runtime.partitioning import write_partition
+    from skyfed.runtime.setup import prepare_data
+
+    cfg = load_config(config, preset, set_)
+    data = prepare_data(cfg)
+    if data.partition is None:
+        fail("every client has its own data (federation.clients[].data): there is nothing to partition")
+    folder = out or Path(cfg.out_dir) / f"{cfg.name}-partition"
+    files = write_partition(data.partition, folder)
+    console.print(partition_table(data.partition.stats))
+    console.print(f"shards, {files['report'].name} and {files['plot'].name} in {folder}")
+
+
+@app.command()
 def presets() -> None:
     """List experiment presets and model presets."""
     from rich.table import Table

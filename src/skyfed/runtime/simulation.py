@@ -42,6 +42,8 @@ def run_simulation(
     run.write_config(dump_config(cfg))
     emit("status", {"message": "preparing data and tokenizer"})
     data = prepare_data(cfg)
+    if data.partition is not None:
+        run.write_json("partition.json", data.partition.stats)
     clients = []
     for i, spec in enumerate(cfg.federation.clients):
         client = make_client(cfg, spec.name, i, data.client_tokens[spec.name], data.tokenizer, device)
