@@ -3,7 +3,9 @@
 The score of a client is the Jensen-Shannon divergence (Lin 1991, "Divergence
 measures based on the Shannon entropy"), in bits (0 = identical, 1 = disjoint), of its
 unigram distribution to the pooled unigram distribution of all clients; the
-partition's score is the token-weighted mean over clients.
+partition's score is the plain mean over clients (each client's divergence is what its
+model sees; the token-weighted mean is reported too). Very small clients read high
+even under IID sampling: compare scores of partitions with similar client sizes.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def partition_stats(
             "topic_hist": hist,
             "jsd_to_pooled": js_divergence(c, pooled),
         }
-    score = sum(v["jsd_to_pooled"] * v["tokens"] for v in clients.values()) / max(1, total)
+    score = float(np.mean([v["jsd_to_pooled"] for v in clients.values()]))
+    weighted = sum(v["jsd_to_pooled"] * v["tokens"] for v in clients.values()) / max(1, total)
     return {
         "method": method,
         "num_clients": len(names),
@@ -59,5 +62,6 @@ def partition_stats(
         "total_docs": int(sum(len(d) for d in client_docs)),
         "num_topics": num_topics if topics is not None else None,
         "heterogeneity_jsd": score,
+        "heterogeneity_jsd_weighted": weighted,
         "clients": clients,
     }
