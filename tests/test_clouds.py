@@ -148,3 +148,29 @@ def test_without_network_results_arrive_in_send_order_at_time_zero():
 def test_default_experiment_resolves_its_clouds():
     n = network_from_config(load_config(), num_params=1_000_000)
     assert n.client_cloud == {"aws": "aws", "gcp": "gcp", "azure": "azure"} and n.server_cloud == "aws"
+
+
+def test_summary_table_shows_simulated_time_and_egress(tmp_path):
+    from rich.console import Console
+
+    from skyfed.ui import print_summary
+
+    console = Console(record=True, width=200)
+    final = {"val_loss": 5.0, "val_ppl": 148.4, "val_token_acc": 0.1, "val_tokens": 100}
+    summary = {
+        "mode": "federated", "rounds": 2, "final": final, "unigram_ppl": 200.0, "ppl_vs_unigram": 0.74,
+        "total": {"bytes_up": 10, "bytes_down": 10}, "wall_time_s": 1.0,
+        "sim_time_s": 754.0, "egress_cost_usd": {"aws": 1.25, "gcp": 0.5, "total": 1.75},
+    }
+    print_summary(console, tmp_path, summary)
+    text = console.export_text()
+    assert "simulated time" in text and "12.6 min" in text
+    assert "$1.7500 (aws $1.2500, gcp $0.5000)" in text
+
+
+def test_calibration_counts_the_tokens_it_timed():
+    from skyfed.runtime.calibrate import measure_tokens_per_s
+
+    cfg = load_config(preset="smoke")
+    m = measure_tokens_per_s(cfg, steps=2, warmup=1)
+    assert m["tokens_per_s"] * m["seconds"] == pytest.approx(2 * cfg.train.batch_size * cfg.train.seq_len)
