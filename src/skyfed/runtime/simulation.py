@@ -40,6 +40,7 @@ def run_simulation(
     device = device_for(cfg)
     run = RunDir(out or default_run_dir(cfg))
     run.write_config(dump_config(cfg))
+    network = network_from_config(cfg, 0) if cfg.clouds.simulate else None  # config errors before the data work
     emit("status", {"message": "preparing data and tokenizer"})
     data = prepare_data(cfg)
     if data.partition is not None:
@@ -52,7 +53,8 @@ def run_simulation(
     model = new_model(cfg, data.tokenizer).to(device)
     evaluator = make_evaluator(cfg, data.valid.tokens, device)
     strategy = build_strategy(cfg.federation.strategy.name, cfg.federation.strategy.params)
-    network = network_from_config(cfg, num_parameters(model)) if cfg.clouds.simulate else None
+    if network is not None:
+        network.num_params = num_parameters(model)
     transport = SimulatedTransport(clients, network)
     engine = Engine(cfg, transport, model, federated_parameter_names(model), strategy, evaluator, run, emit)
     accounting = CloudAccounting(transport, network) if network is not None else None
