@@ -174,3 +174,13 @@ def test_calibration_counts_the_tokens_it_timed():
     cfg = load_config(preset="smoke")
     m = measure_tokens_per_s(cfg, steps=2, warmup=1)
     assert m["tokens_per_s"] * m["seconds"] == pytest.approx(2 * cfg.train.batch_size * cfg.train.seq_len)
+
+
+def test_accounting_resumes_clock_and_bill_from_the_last_metrics_line():
+    from skyfed.runtime.cloud_metrics import CloudAccounting
+
+    n = net()
+    acc = CloudAccounting(SimulatedTransport([FakeClient("a")], n), n)
+    acc.resume_from({"sim_time_s": 12.5, "egress_bytes": {"hub": 10**9, "fast": 0, "slow": 0}})
+    assert acc.transport.now() == 12.5
+    assert acc.summary()["egress_cost_usd"]["hub"] == pytest.approx(1.0)
