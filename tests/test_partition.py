@@ -118,3 +118,8 @@ def test_one_document_per_client_and_too_few_documents():
 def test_js_divergence_bounds():
     assert js_divergence(np.array([1, 2, 3]), np.array([2, 4, 6])) == pytest.approx(0.0, abs=1e-12)
     assert js_divergence(np.array([1, 0]), np.array([0, 1])) == pytest.approx(1.0)
+
+
+def test_wrong_number_of_shares_is_one_clear_error():
+    with pytest.raises(DataError, match="data.partition.shares: 2 shares given for 3 clients"):
+        partition_documents("quantity", np.array([5, 7, 9, 4]), 3, 0, shares=[1, 2])

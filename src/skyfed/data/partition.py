@@ -101,7 +101,7 @@ def partition_documents(
     if len(doc_lengths) < num_clients:
         raise DataError(f"{len(doc_lengths)} documents cannot be split across {num_clients} clients")
     if shares is not None and len(shares) != num_clients:
-        raise DataError(f"partition shares: {len(shares)} given for {num_clients} clients")
+        raise DataError(f"data.partition.shares: {len(shares)} shares given for {num_clients} clients")
     rng = np.random.default_rng(seed)
     if method == "iid":
         return partition_iid(len(doc_lengths), num_clients, rng)
