@@ -99,3 +99,23 @@ def test_outage_and_deadline(tmp_path):
     assert all(r["aggregated"] for r in rows)
     assert rows[0]["round_sim_s"] == pytest.approx(0.6 + rows[0]["aggregate_s"], abs=1e-9)
     assert "c" not in rows[0]["client_timing"]
+
+
+def test_partition_command_writes_shards_report_and_plot(tmp_path):
+    import numpy as np
+
+    out = tmp_path / "part"
+    proc = subprocess.run(
+        [sys.executable, "-m", "skyfed", "partition", "--preset", "smoke", "--out", str(out),
+         "--set", "data.partition.method=quantity", "--set", "data.partition.shares=[1, 1, 2]"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "partition: quantity" in proc.stdout and "azure" in proc.stdout
+    stats = json.loads((out / "partition.json").read_text())
+    docs = np.concatenate([np.load(out / f"{c}.docs.npy") for c in ("aws", "gcp", "azure")])
+    assert sorted(docs.tolist()) == list(range(stats["total_docs"]))
+    tokens = {c: len(np.load(out / f"{c}.tokens.npy")) for c in ("aws", "gcp", "azure")}
+    assert tokens == {c: v["tokens"] for c, v in stats["clients"].items()}
+    assert sum(tokens.values()) == stats["total_tokens"]
+    assert (out / "partition.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
