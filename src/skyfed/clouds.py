@@ -275,11 +275,3 @@ def network_from_config(cfg, num_params: int) -> CloudNetwork:
         seed=cfg.seed,
     )
 
-
-def speed_shares(cfg) -> list[float]:
-    """Relative compute of each client (config order), for the `capacity` partitioner.
-
-    A client's throughput counts once; clients sharing a cloud share nothing here (each
-    is a separate machine of that cloud's kind)."""
-    net = network_from_config(cfg, num_params=1)
-    return [net.throughput(s.name) for s in cfg.federation.clients]
