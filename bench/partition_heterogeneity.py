@@ -73,7 +73,7 @@ def loss_matrix(cfg, train_shard, vocab, tokenizer, init_state, steps: int, eval
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--alpha", type=float, default=0.1)
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
