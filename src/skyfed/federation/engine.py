@@ -50,6 +50,7 @@ class RoundOutcome:
     missing: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     compute_s: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # ClientResult.meta of each arrival
 
 
 class Engine:
@@ -79,6 +80,9 @@ class Engine:
         self.totals = {"bytes_up": 0, "bytes_down": 0}
         self.started = time.perf_counter()
         self.elapsed_before = 0.0  # wall time of earlier sessions (resume)
+        # Objects with round_start(round) and round_end(round, record, outcome) -> dict of
+        # extra metrics (e.g. the simulated clock and egress bill, skyfed.runtime.cloud_metrics).
+        self.observers: list[Any] = []
 
     # ------------------------------------------------------------ state
 
@@ -159,6 +163,7 @@ class Engine:
                 continue
             waiting.discard(result.client)
             out.compute_s[result.client] = result.compute_s
+            out.meta[result.client] = result.meta
             try:
                 out.updates.append(self._decode(result, round))
             except SkyfedError as exc:
@@ -175,11 +180,16 @@ class Engine:
         rng = np.random.default_rng([self.cfg.seed, r, 7])
         selected = select_clients(self.transport.client_names(), fed.fraction, fed.min_clients, rng)
         self.on_event("round_start", {"round": r, "clients": selected})
+        for obs in self.observers:
+            obs.round_start(r)
         payload = encode_payload(self.params, kind="model", round=r, version=self.version)
         options = self.strategy.client_options(r)
-        for client in selected:
+        unreachable = [c for c in selected if not self.transport.reachable(c, r)]
+        reached = [c for c in selected if c not in unreachable]
+        for client in reached:
             self.transport.send(client, TrainTask(r, self.version, payload, self.cfg.train.local_steps, options))
-        outcome = self.collect(r, selected, fed.round_timeout_s)
+        outcome = self.collect(r, reached, fed.round_timeout_s)
+        outcome.missing = [c for c in selected if c in unreachable or c in outcome.missing]
         t_agg = time.perf_counter()
         metrics: dict[str, Any] = {}
         aggregated = len(outcome.updates) >= fed.min_clients
@@ -196,7 +206,7 @@ class Engine:
         ev = self.evaluator(self.model, self.cfg.eval.max_batches)
         eval_s = time.perf_counter() - t_eval
         bytes_up = {u.client: u.bytes_up for u in outcome.updates}
-        bytes_down = {c: len(payload) for c in selected}
+        bytes_down = {c: len(payload) for c in reached}
         self.totals["bytes_up"] += sum(bytes_up.values())
         self.totals["bytes_down"] += sum(bytes_down.values())
         self.next_round = r + 1
@@ -206,6 +216,7 @@ class Engine:
             "clients": selected,
             "aggregated": aggregated,
             "missing": outcome.missing,
+            "unreachable": unreachable,
             "rejected": outcome.rejected,
             "train_loss": {u.client: u.train_loss for u in outcome.updates},
             "val_loss": ev.loss,
@@ -224,6 +235,8 @@ class Engine:
             "elapsed_s": self.elapsed_s(),
             **metrics,
         }
+        for obs in self.observers:
+            record.update(obs.round_end(r, record, outcome))
         self.run_dir.append_metrics(record)
         self.save()
         self.on_event("round_end", record)
