@@ -13,7 +13,7 @@ from typing import Any
 
 from skyfed.config import ExperimentConfig, dump_config
 from skyfed.federation.engine import Engine, EventSink
-from skyfed.federation.strategies import build_strategy
+from skyfed.federation.strategies import build_strategy, needs_server_eval
 from skyfed.metrics import RunDir
 from skyfed.model import federated_parameter_names, num_parameters
 from skyfed.runtime.finish import build_summary, save_hf_model
@@ -47,7 +47,13 @@ def run_simulation(
         clients.append(client)
     model = new_model(cfg, data.tokenizer).to(device)
     evaluator = make_evaluator(cfg, data.valid.tokens, device)
-    strategy = build_strategy(cfg.federation.strategy.name, cfg.federation.strategy.params)
+    strat = cfg.federation.strategy
+    evaluate_params = None
+    if needs_server_eval(strat.name, strat.params):
+        from skyfed.runtime.server_eval import make_params_evaluator
+
+        evaluate_params = make_params_evaluator(cfg, data.valid.tokens, new_model(cfg, data.tokenizer), device)
+    strategy = build_strategy(strat.name, strat.params, evaluate_params=evaluate_params)
     engine = Engine(cfg, InProcessTransport(clients), model, federated_parameter_names(model), strategy, evaluator, run, emit)
     emit("start", {
         "rounds": cfg.federation.rounds, "clients": [c.name for c in clients], "params": num_parameters(model),

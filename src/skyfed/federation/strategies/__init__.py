@@ -37,7 +37,8 @@ RUNTIME_ARGS = ("evaluate_params",)
 def yaml_params(cls: type[Strategy]) -> list[str]:
     """The parameter names a strategy accepts from `federation.strategy.params`."""
     sig = inspect.signature(cls.__init__)
-    return [n for n in list(sig.parameters)[1:] if n not in RUNTIME_ARGS]
+    plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [n for n, p in list(sig.parameters.items())[1:] if p.kind in plain and n not in RUNTIME_ARGS]
 
 
 def build_strategy(

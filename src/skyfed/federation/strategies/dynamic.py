@@ -12,7 +12,8 @@ Here:
   last `holdout_tokens` of its shard, excluded from its training), measured after its
   local training and returned in `ClientResult.holdout_loss`;
 - score "server": the server's loss of each client model on a small validation set it
-  holds, through the `evaluate_params(params) -> loss` callable given at construction;
+  holds (`server_tokens` long), through the `evaluate_params(params) -> loss` callable
+  the runtime gives at construction;
 - mapping "softmax": w_i ∝ exp(-loss_i / temperature); "inverse": w_i ∝ loss_i^-power;
 - use_tokens: w_i ∝ n_i * mapping(loss_i);
 - floor: every share is at least min(floor, 1/n) (the rest renormalized).
@@ -66,6 +67,7 @@ class DynamicWeighted(Strategy):
         use_tokens: bool = True,
         floor: float = 0.05,
         holdout_tokens: int = 2048,
+        server_tokens: int = 4096,
         evaluate_params: ParamsEvaluator | None = None,
     ):
         self.score = choice("score", score, ["holdout", "server"])
@@ -75,6 +77,7 @@ class DynamicWeighted(Strategy):
         self.use_tokens = flag("use_tokens", use_tokens)
         self.floor = number("floor", floor, 0.0, 1.0)
         self.holdout_tokens = integer("holdout_tokens", holdout_tokens, 1)
+        self.server_tokens = integer("server_tokens", server_tokens, 1)  # read by the runtime's server set
         if self.score == "server" and evaluate_params is None:
             raise ConfigError(
                 f"{PREFIX}.score: 'server' needs a server-side validation set, which this runtime does not provide"
