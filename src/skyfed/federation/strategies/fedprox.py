@@ -17,6 +17,8 @@ from skyfed.federation.strategies.params import number
 
 
 class FedProx(FedAvg):
+    """Li et al. 2020, "Federated Optimization in Heterogeneous Networks", MLSys, arXiv:1812.06127."""
+
     name = "fedprox"
     description = "FedAvg + proximal term mu/2 ||theta - theta_global||^2 in local training"
     paper = "Li et al. 2020, arXiv:1812.06127"
