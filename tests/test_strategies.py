@@ -308,3 +308,10 @@ def test_async_strategy_used_synchronously_applies_all_updates():
     ups = three_updates()
     out = build_strategy("fedbuff", {"buffer_size": 10}).aggregate(G, ups, 0)  # flushed partial buffer
     assert torch.allclose(out.params["w"], fedavg_expected(ups), atol=1e-6)
+
+
+def test_fedavgm_default_lr_is_one_minus_momentum():
+    s = build_strategy("fedavgm", {"momentum": 0.8})
+    assert s.lr == pytest.approx(0.2) and s.momentum == 0.8
+    with pytest.raises(ConfigError, match=r"params\.momentum: must be < 1"):
+        build_strategy("fedavgm", {"momentum": 1.0})

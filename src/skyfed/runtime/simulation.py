@@ -36,6 +36,8 @@ def run_simulation(
     emit = on_event or (lambda kind, data: None)
     apply_threads(cfg)
     device = device_for(cfg)
+    strat = cfg.federation.strategy  # validate the strategy's params before any work
+    strategy = build_strategy(strat.name, strat.params, evaluate_params=lambda params: 0.0)
     run = RunDir(out or default_run_dir(cfg))
     run.write_config(dump_config(cfg))
     emit("status", {"message": "preparing data and tokenizer"})
@@ -47,13 +49,11 @@ def run_simulation(
         clients.append(client)
     model = new_model(cfg, data.tokenizer).to(device)
     evaluator = make_evaluator(cfg, data.valid.tokens, device)
-    strat = cfg.federation.strategy
-    evaluate_params = None
     if needs_server_eval(strat.name, strat.params):
         from skyfed.runtime.server_eval import make_params_evaluator
 
-        evaluate_params = make_params_evaluator(cfg, data.valid.tokens, new_model(cfg, data.tokenizer), device)
-    strategy = build_strategy(strat.name, strat.params, evaluate_params=evaluate_params)
+        evaluator_fn = make_params_evaluator(cfg, data.valid.tokens, new_model(cfg, data.tokenizer), device)
+        strategy = build_strategy(strat.name, strat.params, evaluate_params=evaluator_fn)
     engine = Engine(cfg, InProcessTransport(clients), model, federated_parameter_names(model), strategy, evaluator, run, emit)
     emit("start", {
         "rounds": cfg.federation.rounds, "clients": [c.name for c in clients], "params": num_parameters(model),

@@ -8,7 +8,7 @@ With SGD, lr = 1 and no momentum this is exactly FedAvg.
 Named configurations (each its own registry entry, parameters still overridable):
   fedopt      any of sgd | nesterov | adam | yogi | adagrad (Reddi et al. 2021)
   diloco      Nesterov SGD, lr 0.7, momentum 0.9 (Douillard et al. 2023)
-  fedavgm     SGD with server momentum 0.9, lr 1 (Hsu et al. 2019)
+  fedavgm     SGD with server momentum 0.9, lr 1 - momentum (Hsu et al. 2019)
   fedadam / fedyogi / fedadagrad   Reddi et al. 2021's adaptive server optimizers
 
 Notes. `adam` is `torch.optim.Adam`, which (unlike Reddi et al.'s Algorithm 2) applies
@@ -56,10 +56,10 @@ class FedOpt(Strategy):
         use_tokens: bool = True,
     ):
         self.optimizer_name = choice("optimizer", optimizer, OPTIMIZERS)
-        self.lr = number("lr", lr, 0.0, lo_open=True)
         self.momentum = number("momentum", momentum, 0.0, 1.0)
         if self.momentum >= 1.0:
             raise bad("momentum", f"must be < 1, got {self.momentum:g}")
+        self.lr = number("lr", lr, 0.0, lo_open=True)
         self.betas = pair("betas", betas)
         self.eps = number("eps", eps, 0.0, lo_open=True)
         self.initial_accumulator = number("initial_accumulator", initial_accumulator, 0.0)
@@ -159,11 +159,14 @@ class FedAvgM(FedOpt):
     """
 
     name = "fedavgm"
-    description = "FedAvg with server momentum (SGD, lr 1, momentum 0.9)"
+    description = "FedAvg with server momentum (SGD, momentum 0.9, lr 1 - momentum)"
     paper = "Hsu et al. 2019, arXiv:1909.06335"
 
-    def __init__(self, lr: float = 1.0, momentum: float = 0.9, use_tokens: bool = True):
-        super().__init__("sgd", lr=lr, momentum=momentum, use_tokens=use_tokens)
+    def __init__(self, lr: float | None = None, momentum: float = 0.9, use_tokens: bool = True):
+        # lr defaults to 1 - momentum: an effective server step lr / (1 - momentum) of 1,
+        # the FedAvg step once momentum has built up (Hsu et al. discuss this ratio).
+        momentum = number("momentum", momentum, 0.0, 1.0)
+        super().__init__("sgd", lr=(1.0 - momentum) if lr is None else lr, momentum=momentum, use_tokens=use_tokens)
 
 
 class _Adaptive(FedOpt):
