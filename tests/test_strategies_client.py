@@ -65,3 +65,31 @@ def test_holdout_slice_is_scored_and_never_trained_on():
     assert len(client.split_holdout(10_000)[1]) == 1000
     # too small for two windows: no holdout
     assert client.split_holdout(20)[1] is None
+
+
+def test_fedsgd_client_sends_the_mean_gradient_without_training():
+    from skyfed.federation.strategies import build_strategy
+    from skyfed.train import lm_loss, sample_windows
+
+    toks = tokens(2000)
+    client = make_client(toks)
+    start = get_params(client.trainer.model, client.param_names)
+    opts = build_strategy("fedsgd").client_options(0)
+    assert opts == {"send": "gradient"}
+    task = TrainTask(5, 0, encode_payload(start, kind="model"), 3, opts)
+    result = client.handle(task)
+    grad, _ = decode_payload(result.payload, client.spec)
+    after = get_params(client.trainer.model, client.param_names)
+    assert all(torch.equal(after[n], start[n]) for n in start)  # no local step
+    # the same three batches by hand
+    model = client.trainer.model
+    rng = np.random.default_rng([client.seed, 5])
+    rng.integers(2**31)  # the client seeds torch from its round rng first
+    model.zero_grad()
+    for _ in range(3):
+        loss, _ = lm_loss(model, sample_windows(toks, 4, 16, rng))
+        (loss / 3).backward()
+    params = dict(model.named_parameters())
+    for n in ("transformer.wte.weight", "transformer.h.0.mlp.c_fc.weight"):
+        assert torch.allclose(grad[n], params[n].grad, atol=1e-6)
+    assert result.num_tokens == 3 * 4 * 16

@@ -74,6 +74,8 @@ class FederatedClient:
         if self.on_step is not None:
             callback = lambda step, loss: self.on_step(self.name, step, task.steps, loss)  # noqa: E731
         train_tokens, holdout = self.split_holdout(int(task.options.get("holdout_tokens", 0)))
+        if task.options.get("send") == "gradient":  # FedSGD: the gradient, not a local step
+            return self._gradient_result(task, params, train_tokens, rng)
         stats = self.trainer.train(
             train_tokens, task.steps, rng, prox_mu=float(task.options.get("prox_mu", 0.0)), on_step=callback
         )
@@ -94,3 +96,10 @@ class FederatedClient:
             holdout_loss=holdout_loss,
             compute_s=stats.seconds,
         )
+
+    def _gradient_result(self, task: TrainTask, params, tokens: np.ndarray, rng: np.random.Generator) -> ClientResult:
+        from skyfed.federation.fedsgd import local_gradient
+
+        grads, loss, used = local_gradient(self.trainer, tokens, task.steps, rng, self.param_names)
+        payload = encode_payload(grads, kind="update", round=task.round, client=self.name, base_version=task.version)
+        return ClientResult(self.name, task.round, task.version, payload, num_tokens=used, train_loss=loss)

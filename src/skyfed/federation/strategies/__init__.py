@@ -21,13 +21,15 @@ from skyfed.federation.strategies.dynamic import DynamicWeighted
 from skyfed.federation.strategies.fedasync import FedAsync
 from skyfed.federation.strategies.fedavg import FedAvg
 from skyfed.federation.strategies.fedbuff import FedBuff
-from skyfed.federation.strategies.fedopt import DiLoCo, FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi
+from skyfed.federation.strategies.fedopt import DiLoCo, FedAdagrad, FedAdam, FedAvgM, FedOpt, FedSGD, FedYogi
 from skyfed.federation.strategies.fedprox import FedProx
 from skyfed.federation.strategies.params import PREFIX
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
-    for cls in [FedAvg, DynamicWeighted, FedOpt, DiLoCo, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedProx, FedAsync, FedBuff]
+    for cls in [
+        FedAvg, DynamicWeighted, FedOpt, DiLoCo, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedSGD, FedProx, FedAsync, FedBuff
+    ]
 }
 
 # Arguments the runtime may supply; never accepted from the YAML.

@@ -11,10 +11,11 @@ Named configurations (each its own registry entry, parameters still overridable)
   fedavgm     SGD with server momentum 0.9, lr 1 - momentum (Hsu et al. 2019)
   fedadam / fedyogi / fedadagrad   Reddi et al. 2021's adaptive server optimizers
 
-Notes. `adam` is `torch.optim.Adam`, which (unlike Reddi et al.'s Algorithm 2) applies
+Notes. `fedsgd` asks clients for raw gradients (`send: gradient`,
+see `skyfed.federation.fedsgd`) and steps with SGD. `adam` is `torch.optim.Adam`, which (unlike Reddi et al.'s Algorithm 2) applies
 bias correction; `adagrad` is `torch.optim.Adagrad` (no first moment); `yogi` follows
-Algorithm 2 (see `yogi.py`). FedSGD (McMahan et al. 2017) is `fedopt` with
-`train.local_steps=1`: each delta is then a single local step.
+Algorithm 2 (see `yogi.py`). With `train.local_steps=1`, `fedopt` gets one local
+AdamW step per client as its pseudo-gradient; `fedsgd` gets the gradient itself.
 """
 
 from __future__ import annotations
@@ -167,6 +168,25 @@ class FedAvgM(FedOpt):
         # the FedAvg step once momentum has built up (Hsu et al. discuss this ratio).
         momentum = number("momentum", momentum, 0.0, 1.0)
         super().__init__("sgd", lr=(1.0 - momentum) if lr is None else lr, momentum=momentum, use_tokens=use_tokens)
+
+
+class FedSGD(FedOpt):
+    """FedSGD: clients send the mean gradient of `train.local_steps` batches at the
+    global model; the server takes one SGD (optionally momentum) step with it.
+
+    McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
+    Decentralized Data", AISTATS, arXiv:1602.05629 (FedSGD).
+    """
+
+    name = "fedsgd"
+    description = "clients send gradients (no local step); server SGD step on their mean"
+    paper = "McMahan et al. 2017, arXiv:1602.05629"
+
+    def __init__(self, lr: float = 0.5, momentum: float = 0.9, use_tokens: bool = True):
+        super().__init__("sgd", lr=lr, momentum=momentum, use_tokens=use_tokens)
+
+    def client_options(self, round: int) -> dict[str, Any]:
+        return {"send": "gradient"}
 
 
 class _Adaptive(FedOpt):
