@@ -227,5 +227,6 @@ class FedAdagrad(_Adaptive):
     paper = "Reddi et al. 2021, arXiv:2003.00295"
     kind = "adagrad"
 
-    def __init__(self, lr: float = 0.01, eps: float = 1e-3, initial_accumulator: float = 0.0, use_tokens: bool = True):
+    # Adagrad's steps shrink as 1/sqrt(rounds), so its default server lr is larger than Adam's.
+    def __init__(self, lr: float = 0.03, eps: float = 1e-3, initial_accumulator: float = 0.0, use_tokens: bool = True):
         super().__init__(lr=lr, eps=eps, initial_accumulator=initial_accumulator, use_tokens=use_tokens)
