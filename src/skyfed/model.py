@@ -56,7 +56,7 @@ def model_config(preset: str, overrides: dict[str, Any], vocab_size: int, eos_id
     if preset not in MODEL_PRESETS:
         raise ConfigError(f"model.preset: unknown model preset {preset!r}; available: {', '.join(MODEL_PRESETS)}")
     fields = {**MODEL_PRESETS[preset][1](), **overrides}
-    fields.update(vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    fields.update(vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=None)
     kind = fields.pop("model_type")
     cls = {"gpt2": GPT2Config, "llama": LlamaConfig}[kind]
     try:

@@ -86,8 +86,11 @@ class LocalTrainer:
         rng: np.random.Generator,
         prox_mu: float = 0.0,
         on_step: Callable[[int, float], None] | None = None,
+        sample: Callable[[np.random.Generator], torch.Tensor] | None = None,
     ) -> TrainStats:
-        """`steps` AdamW steps; with `prox_mu` > 0 adds FedProx's mu/2 ||theta - theta_start||^2."""
+        """`steps` AdamW steps; with `prox_mu` > 0 adds FedProx's mu/2 ||theta - theta_start||^2.
+
+        Batches are random windows of `tokens`, or whatever `sample(rng)` returns."""
         if self.cfg.optimizer_state == "reset":
             self.optimizer = self._new_optimizer()
         self.model.train()
@@ -98,7 +101,11 @@ class LocalTrainer:
             lr = lr_at(self.step, self.total_steps, self.cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            batch = sample_windows(tokens, self.cfg.batch_size, self.cfg.seq_len, rng).to(self.device)
+            if sample is None:
+                batch = sample_windows(tokens, self.cfg.batch_size, self.cfg.seq_len, rng)
+            else:
+                batch = sample(rng)
+            batch = batch.to(self.device)
             loss, _ = lm_loss(self.model, batch)
             objective = loss
             if anchor is not None:
@@ -114,7 +121,8 @@ class LocalTrainer:
             if on_step is not None:
                 on_step(i + 1, losses[-1])
         seconds = time.perf_counter() - start
-        return TrainStats(steps, steps * self.cfg.batch_size * self.cfg.seq_len, float(np.mean(losses)), losses[-1], seconds)
+        tokens_seen = steps * batch.size(0) * (batch.size(1) - 1)
+        return TrainStats(steps, tokens_seen, float(np.mean(losses)), losses[-1], seconds)
 
 
 def eval_windows(num_tokens: int, seq_len: int, max_windows: int | None) -> np.ndarray:

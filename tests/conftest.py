@@ -1,0 +1,25 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_cache(tmp_path_factory):
+    """One tokenizer/shard cache for the whole session (tokenizers are trained once)."""
+    if "SKYFED_CACHE" not in os.environ:
+        os.environ["SKYFED_CACHE"] = str(tmp_path_factory.mktemp("skyfed-cache"))
+    return Path(os.environ["SKYFED_CACHE"])
+
+
+def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real `skyfed` CLI in a subprocess."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-m", "skyfed", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
+    )
