@@ -2,11 +2,9 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_cli
 
 from skyfed.federation.strategies import STRATEGIES
 
@@ -14,10 +12,8 @@ VOCAB = 512  # the smoke preset's tokenizer: an untrained model's loss is about 
 ROUNDS = 3
 
 
-def skyfed(*args, tmp_path=None):
-    env = dict(os.environ, COLUMNS="250")
-    env.setdefault("SKYFED_CACHE", "/tmp/skyfed-test-cache")
-    return subprocess.run([sys.executable, "-m", "skyfed", *args], capture_output=True, text=True, env=env, timeout=600)
+def skyfed(*args):
+    return run_cli(*args, timeout=600)
 
 
 def run_smoke(out, name, rounds, steps, *extra):
@@ -57,7 +53,8 @@ def test_strategy_converges_on_smoke(tmp_path, name, extra, shape):
         assert rows[-1]["updates"] == 3 * rounds and "staleness" in rows[-1]
 
 
-def test_cli_lists_strategies():
+def test_cli_lists_strategies(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # a wide table: no wrapped names or arXiv ids
     proc = skyfed("strategies")
     assert proc.returncode == 0, proc.stderr
     for name, cls in STRATEGIES.items():
