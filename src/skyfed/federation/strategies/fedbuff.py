@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from skyfed.federation.messages import Update
 from skyfed.federation.strategies.aggregate import apply_delta, staleness_weight, weighted_sum
 from skyfed.federation.strategies.base import AggregateResult, AsyncStrategy, Params
