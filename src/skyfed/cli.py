@@ -111,6 +111,21 @@ def presets() -> None:
 
 
 @app.command()
+def strategies() -> None:
+    """List aggregation strategies (federation.strategy.name) with the paper each comes from."""
+    from rich.table import Table
+
+    from skyfed.federation.strategies import STRATEGIES, yaml_params
+
+    table = Table(title="strategies (federation.strategy.name)")
+    for col in ("name", "description", "paper", "params"):
+        table.add_column(col)
+    for name, cls in STRATEGIES.items():
+        table.add_row(name + (" (async)" if cls.asynchronous else ""), cls.description, cls.paper, ", ".join(yaml_params(cls)))
+    console.print(table)
+
+
+@app.command()
 def generate(
     model_dir: Path = typer.Argument(..., help="a run's model/ directory"),
     prompt: str = typer.Option("The", "--prompt", help="text to continue"),

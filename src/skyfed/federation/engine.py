@@ -128,6 +128,10 @@ class Engine:
 
     def run(self) -> None:
         fed = self.cfg.federation
+        if self.strategy.asynchronous:
+            from skyfed.federation.async_loop import run_async
+
+            return run_async(self)
         for r in range(self.next_round, fed.rounds):
             self.run_round(r)
 

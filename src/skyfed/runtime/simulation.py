@@ -13,7 +13,7 @@ from typing import Any
 
 from skyfed.config import ExperimentConfig, dump_config
 from skyfed.federation.engine import Engine, EventSink
-from skyfed.federation.strategies import build_strategy
+from skyfed.federation.strategies import build_strategy, needs_server_eval
 from skyfed.metrics import RunDir
 from skyfed.model import federated_parameter_names, num_parameters
 from skyfed.runtime.finish import build_summary, save_hf_model
@@ -38,6 +38,8 @@ def run_simulation(
     emit = on_event or (lambda kind, data: None)
     apply_threads(cfg)
     device = device_for(cfg)
+    strat = cfg.federation.strategy  # validate the strategy's params before any work
+    strategy = build_strategy(strat.name, strat.params, evaluate_params=lambda params: 0.0)
     run = RunDir(out or default_run_dir(cfg))
     run.write_config(dump_config(cfg))
     network = network_from_config(cfg, 0) if cfg.clouds.simulate else None  # config errors before the data work
@@ -52,7 +54,11 @@ def run_simulation(
         clients.append(client)
     model = new_model(cfg, data.tokenizer).to(device)
     evaluator = make_evaluator(cfg, data.valid.tokens, device)
-    strategy = build_strategy(cfg.federation.strategy.name, cfg.federation.strategy.params)
+    if needs_server_eval(strat.name, strat.params):
+        from skyfed.runtime.server_eval import make_params_evaluator
+
+        evaluator_fn = make_params_evaluator(cfg, data.valid.tokens, new_model(cfg, data.tokenizer), device)
+        strategy = build_strategy(strat.name, strat.params, evaluate_params=evaluator_fn)
     if network is not None:
         network.num_params = num_parameters(model)
     transport = SimulatedTransport(clients, network)
