@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from skyfed.checkpoint import load_checkpoint, save_checkpoint
-from skyfed.compression.payload import decode_payload, encode_payload
+from skyfed.compression.channel import Downlink, fp32_bytes
+from skyfed.compression.payload import decode_payload
 from skyfed.compression.wire import TensorSpec
 from skyfed.config import ExperimentConfig
 from skyfed.errors import SkyfedError
@@ -74,6 +75,7 @@ class Engine:
         self.on_event = on_event or (lambda kind, data: None)
         self.params = get_params(model, param_names)
         self.spec = {n: TensorSpec(tuple(t.shape), torch.float32) for n, t in self.params.items()}
+        self.downlink = Downlink.from_config(cfg.compression, self.spec)
         self.version = 0
         self.next_round = 0
         self.totals = {"bytes_up": 0, "bytes_down": 0}
@@ -175,11 +177,12 @@ class Engine:
         rng = np.random.default_rng([self.cfg.seed, r, 7])
         selected = select_clients(self.transport.client_names(), fed.fraction, fed.min_clients, rng)
         self.on_event("round_start", {"round": r, "clients": selected})
-        payload = encode_payload(self.params, kind="model", round=r, version=self.version)
+        payloads = {c: self.downlink.payload_for(c, self.params, r, self.version) for c in selected}
         options = self.strategy.client_options(r)
         for client in selected:
-            self.transport.send(client, TrainTask(r, self.version, payload, self.cfg.train.local_steps, options))
+            self.transport.send(client, TrainTask(r, self.version, payloads[client], self.cfg.train.local_steps, options))
         outcome = self.collect(r, selected, fed.round_timeout_s)
+        self.downlink.settle(selected, [u.client for u in outcome.updates])
         t_agg = time.perf_counter()
         metrics: dict[str, Any] = {}
         aggregated = len(outcome.updates) >= fed.min_clients
@@ -196,7 +199,7 @@ class Engine:
         ev = self.evaluator(self.model, self.cfg.eval.max_batches)
         eval_s = time.perf_counter() - t_eval
         bytes_up = {u.client: u.bytes_up for u in outcome.updates}
-        bytes_down = {c: len(payload) for c in selected}
+        bytes_down = {c: len(payloads[c]) for c in selected}
         self.totals["bytes_up"] += sum(bytes_up.values())
         self.totals["bytes_down"] += sum(bytes_down.values())
         self.next_round = r + 1
@@ -215,6 +218,8 @@ class Engine:
             "bytes_down": sum(bytes_down.values()),
             "bytes_up_by_client": bytes_up,
             "bytes_down_by_client": bytes_down,
+            "fp32_bytes_up": len(bytes_up) * fp32_bytes(self.spec),  # the same tensors as plain fp32
+            "fp32_bytes_down": len(bytes_down) * fp32_bytes(self.spec),
             "cum_bytes_up": self.totals["bytes_up"],
             "cum_bytes_down": self.totals["bytes_down"],
             "compute_s": outcome.compute_s,
