@@ -10,7 +10,11 @@
   the server-side error feedback and the clients never drift. Clients with the same
   state share one encoding. A client meeting the server for the first time (or after a
   failure) gets the whole model through the chain's dense codecs only (casts and
-  quantizers; sparsifiers are skipped, since a sparse model is useless).
+  quantizers; sparsifiers are skipped, since a sparse model is useless) -- except for
+  the version-0 model: every client builds the same initial model from the experiment
+  seed, so the first delta is taken against it (state tag 0), with a CRC-32 of the
+  initial tensors in the header that the client checks before applying anything; a
+  client whose initial model differs refuses, and gets the whole model next round.
 * `DownlinkReceiver` (client side): decodes a model or a delta and applies it to the
   model it holds, refusing a delta against a state it does not hold.
 """
@@ -18,6 +22,7 @@
 from __future__ import annotations
 
 import logging
+import zlib
 from typing import Any
 
 import torch
@@ -35,6 +40,14 @@ log = logging.getLogger(__name__)
 def fp32_bytes(spec: dict[str, TensorSpec]) -> int:
     """Bytes of the same tensors as plain float32 (the compression ratio's numerator)."""
     return sum(4 * int(torch.Size(s.shape).numel()) for s in spec.values())
+
+
+def tensors_crc(tensors: dict[str, torch.Tensor]) -> int:
+    """CRC-32 of the tensors' fp32 bytes, in name order."""
+    crc = 0
+    for name in sorted(tensors):
+        crc = zlib.crc32(tensors[name].detach().to(torch.float32).contiguous().cpu().numpy().tobytes(), crc)
+    return crc
 
 
 class Uplink:
@@ -66,6 +79,8 @@ class Downlink:
         self.held: dict[int, dict[str, torch.Tensor]] = {}  # state tag -> what those clients hold
         self.client_tag: dict[str, int] = {}
         self.next_tag = 1
+        self.met: set[str] = set()  # clients that already got a payload
+        self.initial_crc: int | None = None
         self._cache: dict[int | None, tuple[bytes, int | None]] = {}
 
     @classmethod
@@ -77,6 +92,12 @@ class Downlink:
     def payload_for(self, client: str, params: dict[str, torch.Tensor], round: int, version: int) -> bytes:
         """The bytes that bring `client` to (approximately, exactly tracked) `params`."""
         base = self.client_tag.get(client) if self.delta else None
+        if self.delta and base is None and version == 0 and client not in self.met:
+            base = 0  # the client built the same initial model from the seed
+            if 0 not in self.held:
+                self.held[0] = {n: t.to(torch.float32).clone() for n, t in params.items()}
+                self.initial_crc = tensors_crc(self.held[0])
+        self.met.add(client)
         if base not in self._cache:
             self._cache[base] = self._encode(base, params, round, version)
         payload, tag = self._cache[base]
@@ -98,6 +119,8 @@ class Downlink:
             tag, self.next_tag = self.next_tag, self.next_tag + 1
             self.held[tag] = sent if base is None else {n: self.held[base][n] + sent[n] for n in sent}
         header = dict(kind=kind, round=round, version=version, base_tag=base, tag=tag)
+        if base == 0:
+            header["base_crc"] = self.initial_crc
         return pack_parts(parts, chain, **header), tag
 
     def settle(self, selected: list[str], succeeded: list[str]) -> None:
@@ -105,15 +128,17 @@ class Downlink:
         for client in set(selected) - set(succeeded):
             if self.client_tag.pop(client, None) is not None:
                 log.info("downlink: %s will receive the whole model next time", client)
-        live = set(self.client_tag.values())
+        live = set(self.client_tag.values()) | {0}  # the initial model, for clients not met yet
         self.held = {t: h for t, h in self.held.items() if t in live}
         self._cache = {}
 
 
 class DownlinkReceiver:
-    def __init__(self) -> None:
-        self.held: dict[str, torch.Tensor] | None = None
-        self.tag: int | None = None
+    def __init__(self, initial: dict[str, torch.Tensor] | None = None) -> None:
+        """`initial`: this client's own initial model (state tag 0), if it built one."""
+        self.held: dict[str, torch.Tensor] | None = initial
+        self.tag: int | None = 0 if initial is not None else None
+        self._initial_crc: int | None = None
 
     def receive(
         self, payload: bytes, spec: dict[str, TensorSpec], max_bytes: int | None, what: str = "global model"
@@ -123,6 +148,12 @@ class DownlinkReceiver:
             base = header.get("base_tag")
             if self.held is None or base != self.tag:
                 raise WireFormatError(f"{what}: a change against model state {base}, but this client holds state {self.tag}")
+            if base == 0:
+                if self._initial_crc is None:
+                    self._initial_crc = tensors_crc(self.held)
+                if header.get("base_crc") != self._initial_crc:
+                    self.held, self.tag = None, None
+                    raise WireFormatError(f"{what}: this client's initial model differs from the server's (seed, model or library versions)")
             params = {n: self.held[n] + tensors[n] for n in tensors}
         else:
             params = tensors

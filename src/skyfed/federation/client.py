@@ -46,7 +46,7 @@ class FederatedClient:
         self.spec = {n: TensorSpec(tuple(t.shape), torch.float32) for n, t in get_params(trainer.model, param_names).items()}
         self.on_step: StepCallback | None = None
         self.uplink = Uplink.from_config(compression)  # keeps the error-feedback residual
-        self.downlink = DownlinkReceiver()  # the model this client holds (delta downlink)
+        self.downlink = DownlinkReceiver(get_params(trainer.model, param_names))  # the model it holds
 
     @property
     def num_tokens(self) -> int:
