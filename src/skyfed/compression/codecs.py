@@ -59,6 +59,7 @@ class CodecError(WireFormatError):
 
 
 Parts = dict[str, torch.Tensor]
+_SLAB = 1 << 20  # values per slab in the quantizers' loops over blocks (not elements)
 
 
 def _mix(seed: int, salt: int) -> int:
@@ -221,31 +222,35 @@ class Int8(Codec):
         return self.qbytes(n) + 4 * math.ceil(n / self.block)
 
     def _quantize(self, x: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks are processed in slabs of about 2^20 values (cache-sized, reused buffer)."""
         n, B, L = x.numel(), self.block, self.levels
         x = x.to(torch.float32)
-        if n == 0:
-            return torch.empty(0, dtype=torch.int8, device=x.device), torch.empty(0, device=x.device)
-        full = n // B * B
-        rows = [x[:full].view(-1, B)] if full else []
-        if full < n:
-            rows.append(x[full:].view(1, -1))
-        amax = torch.cat([torch.linalg.vector_norm(r, ord=math.inf, dim=1) for r in rows])
-        scale = amax / L
-        inv = torch.where(amax > 0, L / amax, torch.zeros_like(amax))
+        nb = math.ceil(n / B)
         q = torch.empty(n, dtype=torch.int8, device=x.device)
+        scale = torch.empty(nb, dtype=torch.float32, device=x.device)
         gen = None
         if self.stochastic:
             gen = torch.Generator(device=x.device)
             gen.manual_seed(key_seed(self.seed, key))
-        start, b = 0, 0
-        for r in rows:  # at most two: the full blocks and the tail
-            y = r * inv[b : b + r.shape[0], None]
+        full = n // B
+        rows_per_slab = max(1, _SLAB // B)
+        buf = torch.empty(min(full, rows_per_slab) * B, dtype=torch.float32, device=x.device)
+        slabs = [(r, min(full, r + rows_per_slab)) for r in range(0, full, rows_per_slab)]
+        if full < nb:
+            slabs.append((full, nb))  # the short tail block
+        for r0, r1 in slabs:
+            lo, hi = r0 * B, min(n, r1 * B)
+            rows = x[lo:hi].view(r1 - r0, -1)
+            amax = torch.maximum(rows.amax(1), rows.amin(1).neg_())
+            torch.div(amax, L, out=scale[r0:r1])
+            inv = torch.where(amax > 0, L / amax, torch.zeros_like(amax))
+            y = buf[: hi - lo].view_as(rows) if r1 <= full else rows.clone()
+            torch.mul(rows, inv[:, None], out=y)
             if gen is None:
                 y.round_()
             else:
                 y.add_(torch.rand(y.shape, generator=gen, device=y.device)).floor_().clamp_(-L, L)
-            q[start : start + r.numel()].view_as(r).copy_(y)
-            start, b = start + r.numel(), b + r.shape[0]
+            q[lo:hi].view_as(rows).copy_(y)
         return q, scale
 
     def encode(self, x: torch.Tensor, key: str, hint: Any = None) -> Parts:
@@ -266,12 +271,17 @@ class Int8(Codec):
 
     def _dequantize(self, q: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
         B = self.block
-        full = n // B * B
         out = torch.empty(n, dtype=torch.float32, device=q.device)
-        if full:
-            torch.mul(q[:full].view(-1, B), scale[: full // B, None], out=out[:full].view(-1, B))
-        if full < n:
-            torch.mul(q[full:], scale[-1], out=out[full:])
+        step = max(1, _SLAB // B) * B
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            r0, r1 = lo // B, math.ceil(hi / B)
+            o = out[lo:hi].copy_(q[lo:hi])
+            full = (hi - lo) // B * B
+            if full:
+                o[:full].view(-1, B).mul_(scale[r0 : r0 + full // B, None])
+            if full < hi - lo:
+                o[full:].mul_(scale[r1 - 1])
         return out
 
     def decode(self, parts: Parts, n: int, key: str, where: str) -> torch.Tensor:
