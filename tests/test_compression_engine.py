@@ -153,6 +153,10 @@ def test_downlink_refuses_delta_against_a_different_initial_model():
     assert unpack(full)[1]["kind"] == "model"
     got = other.receive(full, spec, None)
     assert float((got["w"] - nxt["w"]).abs().max()) <= 18 / 254 + 1e-6
+    late = DownlinkReceiver({"w": server["w"].clone()})  # not selected in round 0
+    late_payload = dl.payload_for("late", nxt, 1, 1)
+    assert unpack(late_payload)[1]["base_tag"] == 0  # still a delta against the initial model
+    assert torch.equal(late.receive(late_payload, spec, None)["w"], dl.held[dl.client_tag["late"]]["w"])
     delta = dl.payload_for("ok", nxt, 1, 1)
     assert unpack(delta)[1]["kind"] == "model_delta"
     assert torch.equal(ok.receive(delta, spec, None)["w"], dl.held[dl.client_tag["ok"]]["w"])

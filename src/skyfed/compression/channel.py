@@ -92,9 +92,9 @@ class Downlink:
     def payload_for(self, client: str, params: dict[str, torch.Tensor], round: int, version: int) -> bytes:
         """The bytes that bring `client` to (approximately, exactly tracked) `params`."""
         base = self.client_tag.get(client) if self.delta else None
-        if self.delta and base is None and version == 0 and client not in self.met:
+        if self.delta and base is None and client not in self.met and (version == 0 or 0 in self.held):
             base = 0  # the client built the same initial model from the seed
-            if 0 not in self.held:
+            if 0 not in self.held:  # first payload of a fresh run: params are the version-0 model
                 self.held[0] = {n: t.to(torch.float32).clone() for n, t in params.items()}
                 self.initial_crc = tensors_crc(self.held[0])
         self.met.add(client)
