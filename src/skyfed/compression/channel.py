@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from skyfed.compression.chain import Chain
-from skyfed.compression.codecs import _mix
+from skyfed.compression.codecs import mix_seed
 from skyfed.compression.feedback import ErrorFeedback
 from skyfed.compression.payload import decode_payload, pack_parts
 from skyfed.compression.wire import TensorSpec
@@ -111,7 +111,7 @@ class Downlink:
         else:
             held = self.held[base]
             chain, tensors, kind = self.chain, {n: params[n] - held[n] for n in params}, "model_delta"
-        chain = chain.salted(_mix(round, base or 0))
+        chain = chain.salted(mix_seed(round, base or 0))
         parts = chain.encode(tensors)
         tag = None
         if self.delta:

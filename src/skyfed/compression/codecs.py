@@ -62,7 +62,7 @@ Parts = dict[str, torch.Tensor]
 _SLAB = 1 << 20  # values per slab in the quantizers' loops over blocks (not elements)
 
 
-def _mix(seed: int, salt: int) -> int:
+def mix_seed(seed: int, salt: int) -> int:
     """A 63-bit seed from two integers (splitmix64 finalizer)."""
     z = (seed * 0x9E3779B97F4A7C15 + salt + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
@@ -71,7 +71,7 @@ def _mix(seed: int, salt: int) -> int:
 
 
 def key_seed(seed: int, key: str) -> int:
-    return _mix(seed, zlib.crc32(key.encode()))
+    return mix_seed(seed, zlib.crc32(key.encode()))
 
 
 def keep_count(fraction: float, n: int) -> int:
@@ -105,7 +105,7 @@ class Codec:
     def salted(self, salt: int) -> "Codec":
         """A copy whose random streams are keyed by `salt` (one per message)."""
         if any(f.name == "seed" for f in dataclasses.fields(self)):
-            return dataclasses.replace(self, seed=_mix(self.seed, salt))  # type: ignore[attr-defined]
+            return dataclasses.replace(self, seed=mix_seed(self.seed, salt))  # type: ignore[attr-defined]
         return self
 
     def carry_numel(self, n: int) -> int:

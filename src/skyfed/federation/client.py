@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from skyfed.compression.channel import DownlinkReceiver, Uplink
-from skyfed.compression.codecs import _mix
+from skyfed.compression.codecs import mix_seed
 from skyfed.compression.wire import TensorSpec
 from skyfed.errors import WireFormatError
 from skyfed.federation.messages import ClientResult, TrainTask
@@ -71,7 +71,7 @@ class FederatedClient:
         end = get_params(self.trainer.model, self.param_names)
         delta = {n: params[n] - end[n] for n in self.param_names}  # theta_start - theta_end
         payload = self.uplink.encode(
-            delta, _mix(self.seed, task.round), kind="update", round=task.round, client=self.name, base_version=task.version
+            delta, mix_seed(self.seed, task.round), kind="update", round=task.round, client=self.name, base_version=task.version
         )
         return ClientResult(
             client=self.name,
