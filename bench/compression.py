@@ -42,7 +42,11 @@ RUNS: dict[str, dict[str, Any]] = {
     "topk1": {"uplink": [TOPK(0.01)], "downlink": [TOPK(0.01)]},
     "topk1_noef": {"uplink": [TOPK(0.01)], "downlink": [TOPK(0.01)], "error_feedback": False},
     "topk1_int8": {"uplink": [TOPK(0.01), "int8"], "downlink": [TOPK(0.01), "int8"]},
+    # uplink-only sparsification (downlink int8), to separate the two directions' effects
+    "up_topk10_down_int8": {"uplink": [TOPK(0.1)], "downlink": ["int8"]},
+    "up_topk1_int8_down_int8": {"uplink": [TOPK(0.01), "int8"], "downlink": ["int8"]},
 }
+DEFAULT_RUNS = ["fp32", "int8", "int4", "topk10", "topk10_noef", "topk1", "topk1_noef", "topk1_int8"]
 
 CODECS: dict[str, list[Any]] = {
     "fp32": [],
@@ -62,11 +66,15 @@ def run_experiments(args: argparse.Namespace, results: dict[str, Any], save) -> 
     from skyfed.config import load_config
     from skyfed.runtime.simulation import run_simulation
 
-    names = args.only or list(RUNS)
+    names = args.only or DEFAULT_RUNS
     if "fp32" not in names:
         names = ["fp32", *names]
     rows = results.setdefault("runs", {})
+    if args.merge:  # continue an earlier invocation with the same settings: reuse its rows
+        rows.update(json.loads(Path(args.merge).read_text()).get("runs", {}))
     for name in names:
+        if name in rows:
+            continue
         overrides = [f"federation.rounds={args.rounds}", f"train.local_steps={args.steps}", f"threads={args.threads}",
                      f"eval.final_max_batches={args.final_batches or 'null'}",
                      f"compression={json.dumps(RUNS[name])}", *args.set]
@@ -139,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--final-batches", type=int, default=40, help="eval.final_max_batches (0 = the whole split)")
     p.add_argument("--set", action="append", default=[], help="config override passed through, e.g. data.partition.method=natural")
     p.add_argument("--only", nargs="*", help=f"run configurations (fp32 is always run): {', '.join(RUNS)}")
+    p.add_argument("--merge", help="a results JSON of an earlier run with the same settings: reuse its rows (fp32 included)")
     p.add_argument("--numel", type=int, default=100_000_000, help="values in the throughput update")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--skip-runs", action="store_true")
