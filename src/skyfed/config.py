@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from skyfed.errors import ConfigError
+from skyfed.errors import ConfigError, SkyfedError
 
 
 class Section(BaseModel):
@@ -140,6 +140,26 @@ class CloudsConfig(Section):
     outages: list[str | OutageSpec] = []  # "gcp:5-7" or {target: gcp, rounds: [5, 7]}
 
 
+class CompressionConfig(Section):
+    """Codec chains per direction, e.g. ``uplink: [{name: topk, fraction: 0.01}, int8]``
+    (see skyfed.compression.codecs); an empty chain sends plain fp32."""
+
+    uplink: list[str | dict[str, Any]] = []
+    downlink: list[str | dict[str, Any]] = []
+    error_feedback: bool = True  # uplink residuals for lossy chains
+    downlink_delta: bool = True  # send the change since the model a client holds
+
+    @field_validator("uplink", "downlink", mode="after")
+    @classmethod
+    def _valid_chain(cls, specs: list[Any]) -> list[dict[str, Any]]:
+        from skyfed.compression.chain import Chain
+
+        try:
+            return Chain.from_specs(specs).specs()
+        except SkyfedError as exc:
+            raise ValueError(str(exc)) from None
+
+
 class ExperimentConfig(Section):
     name: str = "default"
     seed: int = 0
@@ -153,6 +173,7 @@ class ExperimentConfig(Section):
     eval: EvalConfig = EvalConfig()
     federation: FederationConfig = FederationConfig()
     clouds: CloudsConfig = CloudsConfig()
+    compression: CompressionConfig = CompressionConfig()
 
 
 # ---------------------------------------------------------------- presets

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from skyfed.checkpoint import load_checkpoint, save_checkpoint
-from skyfed.compression.payload import decode_payload, encode_payload
+from skyfed.compression.channel import Downlink, fp32_bytes
+from skyfed.compression.payload import decode_payload
 from skyfed.compression.wire import TensorSpec
 from skyfed.config import ExperimentConfig
 from skyfed.errors import SkyfedError
@@ -75,6 +76,7 @@ class Engine:
         self.on_event = on_event or (lambda kind, data: None)
         self.params = get_params(model, param_names)
         self.spec = {n: TensorSpec(tuple(t.shape), torch.float32) for n, t in self.params.items()}
+        self.downlink = Downlink.from_config(cfg.compression, self.spec)
         self.version = 0
         self.next_round = 0
         self.totals = {"bytes_up": 0, "bytes_down": 0}
@@ -186,13 +188,14 @@ class Engine:
         self.on_event("round_start", {"round": r, "clients": selected})
         for obs in self.observers:
             obs.round_start(r)
-        payload = encode_payload(self.params, kind="model", round=r, version=self.version)
         options = self.strategy.client_options(r)
         unreachable = [c for c in selected if not self.transport.reachable(c, r)]
         reached = [c for c in selected if c not in unreachable]
+        payloads = {c: self.downlink.payload_for(c, self.params, r, self.version) for c in reached}
         for client in reached:
-            self.transport.send(client, TrainTask(r, self.version, payload, self.cfg.train.local_steps, options))
+            self.transport.send(client, TrainTask(r, self.version, payloads[client], self.cfg.train.local_steps, options))
         outcome = self.collect(r, reached, fed.round_timeout_s)
+        self.downlink.settle(reached, [u.client for u in outcome.updates])
         outcome.missing = [c for c in selected if c in unreachable or c in outcome.missing]
         t_agg = time.perf_counter()
         metrics: dict[str, Any] = {}
@@ -210,7 +213,7 @@ class Engine:
         ev = self.evaluator(self.model, self.cfg.eval.max_batches)
         eval_s = time.perf_counter() - t_eval
         bytes_up = {u.client: u.bytes_up for u in outcome.updates}
-        bytes_down = {c: len(payload) for c in reached}
+        bytes_down = {c: len(payloads[c]) for c in reached}
         self.totals["bytes_up"] += sum(bytes_up.values())
         self.totals["bytes_down"] += sum(bytes_down.values())
         self.next_round = r + 1
@@ -230,6 +233,8 @@ class Engine:
             "bytes_down": sum(bytes_down.values()),
             "bytes_up_by_client": bytes_up,
             "bytes_down_by_client": bytes_down,
+            "fp32_bytes_up": len(bytes_up) * fp32_bytes(self.spec),  # the same tensors as plain fp32
+            "fp32_bytes_down": len(bytes_down) * fp32_bytes(self.spec),
             "cum_bytes_up": self.totals["bytes_up"],
             "cum_bytes_down": self.totals["bytes_down"],
             "compute_s": outcome.compute_s,

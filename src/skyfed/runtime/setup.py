@@ -106,7 +106,7 @@ def make_client(
     trainer = LocalTrainer(model, cfg.train, device, total_steps)
     return FederatedClient(
         name, tokens, trainer, federated_parameter_names(model), seed=cfg.seed * 1000 + index,
-        max_payload_bytes=cfg.federation.max_update_bytes,
+        max_payload_bytes=cfg.federation.max_update_bytes, compression=cfg.compression,
     )
 
 
