@@ -57,7 +57,7 @@ def run_simulation(
         network.num_params = num_parameters(model)
     transport = SimulatedTransport(clients, network)
     engine = Engine(cfg, transport, model, federated_parameter_names(model), strategy, evaluator, run, emit)
-    accounting = CloudAccounting(transport, network) if network is not None else None
+    accounting = CloudAccounting(transport, network, cfg.clouds.aggregation_s) if network is not None else None
     if accounting is not None:
         engine.observers.append(accounting)
     emit("start", {
