@@ -201,3 +201,12 @@ def test_fixed_aggregation_time_makes_the_round_clock_exact():
     out = acc.round_end(0, {"aggregate_s": 123.0}, SimpleNamespace(meta={r.client: r.meta for r in got}))
     assert out["round_sim_s"] == pytest.approx(6.1 + 0.25)  # slowest client b + the fixed aggregation
     assert out["slowest_client"] == "b" and set(out["client_timing"]) == {"a", "b"}
+
+
+def test_clients_sharing_a_cloud_share_its_bill_and_profile():
+    n = net(client_cloud={"a1": "fast", "a2": "fast", "b": "slow"})
+    assert n.clouds() == ["hub", "fast", "slow"]
+    n.bill_upload("a1", 10**9)
+    n.bill_upload("a2", 2 * 10**9)
+    assert n.egress_cost_usd()["fast"] == pytest.approx(0.3)
+    assert n.compute_s("a1", 500) == n.compute_s("a2", 500) == pytest.approx(0.5)
