@@ -38,9 +38,9 @@ def run_simulation(
     emit = on_event or (lambda kind, data: None)
     apply_threads(cfg)
     device = device_for(cfg)
+    network = network_from_config(cfg, 0) if cfg.clouds.simulate else None  # config errors before any work
     run = RunDir(out or default_run_dir(cfg))
     run.write_config(dump_config(cfg))
-    network = network_from_config(cfg, 0) if cfg.clouds.simulate else None  # config errors before the data work
     emit("status", {"message": "preparing data and tokenizer"})
     data = prepare_data(cfg)
     if data.partition is not None:
