@@ -184,3 +184,29 @@ def test_accounting_resumes_clock_and_bill_from_the_last_metrics_line():
     acc.resume_from({"sim_time_s": 12.5, "egress_bytes": {"hub": 10**9, "fast": 0, "slow": 0}})
     assert acc.transport.now() == 12.5
     assert acc.summary()["egress_cost_usd"]["hub"] == pytest.approx(1.0)
+
+
+def test_fixed_aggregation_time_makes_the_round_clock_exact():
+    from types import SimpleNamespace
+
+    from skyfed.runtime.cloud_metrics import CloudAccounting
+
+    n = net()
+    t = SimulatedTransport([FakeClient("a"), FakeClient("b")], n)
+    acc = CloudAccounting(t, n, aggregation_s=0.25)
+    acc.round_start(0)
+    t.send("a", task())
+    t.send("b", task())
+    got = [t.receive(None), t.receive(None)]
+    out = acc.round_end(0, {"aggregate_s": 123.0}, SimpleNamespace(meta={r.client: r.meta for r in got}))
+    assert out["round_sim_s"] == pytest.approx(6.1 + 0.25)  # slowest client b + the fixed aggregation
+    assert out["slowest_client"] == "b" and set(out["client_timing"]) == {"a", "b"}
+
+
+def test_clients_sharing_a_cloud_share_its_bill_and_profile():
+    n = net(client_cloud={"a1": "fast", "a2": "fast", "b": "slow"})
+    assert n.clouds() == ["hub", "fast", "slow"]
+    n.bill_upload("a1", 10**9)
+    n.bill_upload("a2", 2 * 10**9)
+    assert n.egress_cost_usd()["fast"] == pytest.approx(0.3)
+    assert n.compute_s("a1", 500) == n.compute_s("a2", 500) == pytest.approx(0.5)

@@ -137,6 +137,7 @@ class CloudsConfig(Section):
     reference_tflops: float = Field(100.0, gt=0)  # effective FLOP/s of a speed-1.0 cloud (assumption)
     reference_tokens_per_s: float | None = Field(None, gt=0)  # overrides reference_tflops
     same_cloud_free: bool = True  # a client in the server's cloud pays no egress (same region)
+    aggregation_s: float | None = Field(None, ge=0)  # simulated aggregation time; None = measured
     outages: list[str | OutageSpec] = []  # "gcp:5-7" or {target: gcp, rounds: [5, 7]}
 
 

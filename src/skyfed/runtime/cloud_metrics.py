@@ -1,7 +1,8 @@
 """Per-round simulated time and egress cost, added to each metrics.jsonl line.
 
 An engine observer: at the end of a round it advances the simulated clock by the
-measured aggregation time and reports the cumulative simulated time, the round's
+measured aggregation time (or a fixed `clouds.aggregation_s`, for a clock that is
+bit-for-bit the same on every machine) and reports the cumulative simulated time, the round's
 simulated duration, each arrived client's download/compute/upload seconds and the
 cumulative egress bill per cloud.
 """
@@ -15,8 +16,9 @@ from skyfed.runtime.inprocess import SimulatedTransport
 
 
 class CloudAccounting:
-    def __init__(self, transport: SimulatedTransport, network: CloudNetwork):
+    def __init__(self, transport: SimulatedTransport, network: CloudNetwork, aggregation_s: float | None = None):
         self.transport = transport
+        self.aggregation_s = aggregation_s  # fixed simulated aggregation time; None = the measured one
         self.network = network
         self._round_start = transport.now()
 
@@ -24,7 +26,8 @@ class CloudAccounting:
         self._round_start = self.transport.now()
 
     def round_end(self, round: int, record: dict[str, Any], outcome: Any) -> dict[str, Any]:
-        self.transport.elapse(float(record.get("aggregate_s", 0.0)))
+        agg = self.aggregation_s if self.aggregation_s is not None else float(record.get("aggregate_s", 0.0))
+        self.transport.elapse(agg)
         now = self.transport.now()
         timing = {c: m["timing"] for c, m in outcome.meta.items() if "timing" in m}
         slowest = max(timing, key=lambda c: timing[c]["arrival_s"]) if timing else None

@@ -40,9 +40,9 @@ def run_simulation(
     device = device_for(cfg)
     strat = cfg.federation.strategy  # validate the strategy's params before any work
     strategy = build_strategy(strat.name, strat.params, evaluate_params=lambda params: 0.0)
+    network = network_from_config(cfg, 0) if cfg.clouds.simulate else None  # config errors before any work
     run = RunDir(out or default_run_dir(cfg))
     run.write_config(dump_config(cfg))
-    network = network_from_config(cfg, 0) if cfg.clouds.simulate else None  # config errors before the data work
     emit("status", {"message": "preparing data and tokenizer"})
     data = prepare_data(cfg)
     if data.partition is not None:
@@ -63,7 +63,7 @@ def run_simulation(
         network.num_params = num_parameters(model)
     transport = SimulatedTransport(clients, network)
     engine = Engine(cfg, transport, model, federated_parameter_names(model), strategy, evaluator, run, emit)
-    accounting = CloudAccounting(transport, network) if network is not None else None
+    accounting = CloudAccounting(transport, network, cfg.clouds.aggregation_s) if network is not None else None
     if accounting is not None:
         engine.observers.append(accounting)
     emit("start", {
