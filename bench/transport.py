@@ -15,8 +15,9 @@ Memory: the server's transport is `FoldingTransport` (`runtime/grpc/fold.py`): e
 received update is folded into a running weighted sum (zero-copy views over the receive
 buffer) before the push is answered, and the buffer is freed; then the FedAvg outer
 step updates the server's global model in place. Peak RSS (VmHWM, reset with
-/proc/self/clear_refs before the measured round) is read in the server process; the
-delta is over the RSS the server has before the round (global model included). The
+/proc/self/clear_refs after the TCP copies) is read in the server process at the end;
+the delta is over the RSS the server has before the first update arrives (imports and
+the global model included, the running sum not). The
 three clients upload one after the other; each upload in flight at the same time adds
 one receive buffer (one model size).
 """
@@ -86,6 +87,8 @@ def serve(args: argparse.Namespace) -> None:
     tcp.bind(("127.0.0.1", 0))
     tcp.listen(1)
 
+    tcp_done = []
+
     def tcp_receiver() -> None:
         while True:
             conn, _ = tcp.accept()
@@ -100,17 +103,19 @@ def serve(args: argparse.Namespace) -> None:
                     pos += n
                 conn.sendall(b"\x01")
                 del view, buf
+                tcp_done.append(pos)
 
     threading.Thread(target=tcp_receiver, daemon=True).start()
     global_params = {"w": torch.zeros(args.params, dtype=torch.float32)}  # the server's global model
     Path(args.port_file).write_text(json.dumps({"grpc": port, "tcp": tcp.getsockname()[1]}))
+    while len(tcp_done) < args.rounds:  # the TCP baseline copies run first, outside the measurement
+        time.sleep(0.05)
+    reset_hwm()
+    base = vm_rss()
     for round in range(args.rounds):
         for c in CLIENTS:
             transport.send(c, TrainTask(round, round, b"", 1))
         results = []
-        if round == args.rounds - 1:
-            reset_hwm()
-            base = vm_rss()
         for _ in CLIENTS:
             result = transport.receive(600)
             assert result.error is None, result.error
