@@ -64,9 +64,8 @@ def test_server_sigkill_then_resume(procs, tmp_path):
     procs.start("server", server_args(cfg, port, None, run))
     for name in ["aws", "gcp"]:
         procs.start(name, client_args(name, port, None))
-    procs.wait_for("round 0 to finish", lambda: len(metrics(run)) >= 1)
+    procs.wait_for("round 0's checkpoint", lambda: (run / "checkpoint" / "state.pt").exists())
     procs.kill("server")
-    assert (run / "checkpoint" / "state.pt").exists()
     before = len(metrics(run))
     assert before < 4
     procs.start("server2", server_args(cfg, port, None, run, "--resume"))
@@ -76,7 +75,7 @@ def test_server_sigkill_then_resume(procs, tmp_path):
     rounds = [r["round"] for r in metrics(run)]
     assert rounds == [0, 1, 2, 3]
     assert json.loads((run / "summary.json").read_text())["rounds"] == 4
-    assert "resumed after round" in procs.log("server2") or "resumed" in procs.log("server2")
+    assert "resumed after round" in procs.log("server2")
 
 
 def test_client_killed_mid_round_quorum_then_rejoins(procs, tmp_path):

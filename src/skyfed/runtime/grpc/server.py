@@ -91,8 +91,13 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
     emit = on_event or (lambda kind, data: None)
     if opts.resume and opts.out is None:
         raise ConfigError("--resume needs --out: the run directory of the interrupted run")
-    if opts.resume and not (Path(opts.out) / "checkpoint" / "state.pt").exists():
-        raise ConfigError(f"--resume: no checkpoint in {Path(opts.out) / 'checkpoint'}")
+    resume = opts.resume
+    if resume and not (Path(opts.out) / "checkpoint" / "state.pt").exists():
+        if not Path(opts.out).is_dir():
+            raise ConfigError(f"--resume: run directory {opts.out} does not exist")
+        log.warning("--resume: no checkpoint in %s yet (crashed in round 0?): starting from round 0", opts.out)
+        RunDir(opts.out).truncate_metrics(-1)
+        resume = False
     if opts.chunk_bytes < 1024:
         raise ConfigError(f"chunk size must be at least 1 KiB, got {opts.chunk_bytes} bytes")
     creds = server_credentials(opts.tls_cert, opts.tls_key, opts.client_ca, opts.insecure)
@@ -129,7 +134,7 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
         evaluator = make_evaluator(cfg, data.valid.tokens, device)
         strategy = build_strategy(cfg.federation.strategy.name, cfg.federation.strategy.params)
         engine = ServerEngine(cfg, transport, model, federated_parameter_names(model), strategy, evaluator, run, emit)
-        if opts.resume:
+        if resume:
             engine.resume()
         log.info("waiting for clients %s", names)
         ready = transport.wait_for_clients(cfg.federation.min_clients, opts.join_timeout_s)
