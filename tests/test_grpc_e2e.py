@@ -52,7 +52,8 @@ def test_tls_deployment_matches_simulation(procs, tmp_path):
         assert (deployed[name] - t).abs().max().item() <= 1e-5, name
     sim_rows = metrics(sim_run.path)
     for a, b in zip(rows, sim_rows):
-        assert a["bytes_up"] == b["bytes_up"] and a["bytes_down"] == b["bytes_down"]
+        # same tensors on the wire; only the decimal CRC-32 in each header may differ in length
+        assert abs(a["bytes_up"] - b["bytes_up"]) <= 3 * 10 and abs(a["bytes_down"] - b["bytes_down"]) <= 3 * 10
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
 
 
