@@ -68,7 +68,7 @@ def serve(args: argparse.Namespace) -> None:
 
     from skyfed.compression.wire import TensorSpec
     from skyfed.federation.messages import TrainTask
-    from skyfed.runtime.grpc import skyfed_pb2_grpc as pb_grpc
+    from skyfed.runtime.grpc.rawchunks import add_servicer
     from skyfed.runtime.grpc.fold import FoldingTransport
     from skyfed.runtime.grpc.security import server_credentials, server_options
     from skyfed.runtime.grpc.servicer import FederationServicer
@@ -79,7 +79,7 @@ def serve(args: argparse.Namespace) -> None:
     transport = FoldingTransport(CLIENTS, spec)
     servicer = FederationServicer(transport, "", {}, None, 2 * args.params * 4 + 2**20, chunk)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=server_options(chunk))
-    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    add_servicer(servicer, server)
     creds = None if args.certs is None else server_credentials(Path(args.certs) / "server.pem", Path(args.certs) / "server.key", None, False)
     port = server.add_insecure_port("127.0.0.1:0") if creds is None else server.add_secure_port("127.0.0.1:0", creds)
     server.start()

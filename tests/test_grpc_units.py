@@ -14,11 +14,13 @@ from cryptography import x509
 from skyfed.compression.payload import encode_payload
 from skyfed.errors import AuthError, ConfigError, SkyfedError, WireFormatError
 from skyfed.federation.messages import ClientResult, TrainTask
+from skyfed.runtime.grpc import skyfed_pb2 as pb
 from skyfed.runtime.grpc import skyfed_pb2_grpc as pb_grpc
 from skyfed.runtime.grpc.auth import check_token, load_tokens, read_client_token
 from skyfed.runtime.grpc.certs import make_dev_certs
 from skyfed.runtime.grpc.chunks import Assembler, iter_chunks
 from skyfed.runtime.grpc.client import ClientOptions, FederationSession
+from skyfed.runtime.grpc.rawchunks import add_servicer, data_of, encode_data_chunk
 from skyfed.runtime.grpc.security import server_options
 from skyfed.runtime.grpc.servicer import FederationServicer
 from skyfed.runtime.grpc.transport import GrpcTransport, RoundClosedError
@@ -115,7 +117,7 @@ def loopback():
     options = [o for o in server_options(chunk) if "message_length" not in o[0]]
     options += [("grpc.max_send_message_length", 2**20), ("grpc.max_receive_message_length", 2**20)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
-    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    add_servicer(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield transport, port
@@ -138,6 +140,34 @@ def test_streams_payloads_far_beyond_the_message_limit(loopback):
     got = transport.receive(5.0)
     assert bytes(got.payload) == update and got.num_tokens == 77 and got.train_loss == 2.5
     assert transport.clients["aws"].num_tokens == 123
+    session.close()
+
+
+def test_raw_data_chunks_are_protobuf_encoding():
+    for size in [0, 1, 127, 128, 300, 70_000]:
+        data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        raw = encode_data_chunk(memoryview(data))
+        assert raw == pb.UpdateChunk(data=data).SerializeToString() == pb.TaskChunk(data=data).SerializeToString()
+        assert bytes(data_of(raw)) == data
+    assert data_of(pb.UpdateChunk(header=pb.UpdateHeader(round=3)).SerializeToString()) is None
+    assert data_of(encode_data_chunk(b"abc") + b"x") is None  # trailing bytes: not a plain data chunk
+
+
+def test_a_plain_protobuf_client_interoperates(loopback):
+    """A peer using the generated stub (protobuf objects) is served the same way."""
+    transport, port = loopback
+    session = FederationSession(ClientOptions(f"127.0.0.1:{port}", "aws", "aws-secret-token", insecure=True))
+    session.register(5)
+    transport.send("aws", TrainTask(0, 0, b"m" * 200_000, 1))
+    stub = pb_grpc.FederationStub(session.channel)
+    chunks = list(stub.PullTask(pb.PullRequest(protocol_version=1, name="aws", session_id=session.session_id)))
+    assert chunks[0].header.payload_bytes == 200_000 and b"".join(c.data for c in chunks[1:]) == b"m" * 200_000
+    update = encode_payload({"w": torch.ones(70_000)}, kind="update")
+    head = pb.UpdateHeader(protocol_version=1, name="aws", session_id=session.session_id, round=0,
+                           num_tokens=9, payload_bytes=len(update))
+    msgs = [pb.UpdateChunk(header=head)] + [pb.UpdateChunk(data=update[i : i + 50_000]) for i in range(0, len(update), 50_000)]
+    assert stub.PushUpdate(iter(msgs)).accepted
+    assert bytes(transport.receive(5.0).payload) == update
     session.close()
 
 

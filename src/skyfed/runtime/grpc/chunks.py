@@ -21,6 +21,15 @@ def iter_chunks(payload: bytes | bytearray | memoryview, chunk_bytes: int) -> It
         yield bytes(view[start : start + chunk_bytes])
 
 
+def iter_views(payload: bytes | bytearray | memoryview, chunk_bytes: int) -> Iterator[memoryview]:
+    """Consecutive views of at most `chunk_bytes` bytes (no copies)."""
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    view = memoryview(payload)
+    for start in range(0, len(view), chunk_bytes):
+        yield view[start : start + chunk_bytes]
+
+
 class Assembler:
     """Copies announced-size data into one preallocated buffer, checking the framing."""
 
@@ -33,7 +42,7 @@ class Assembler:
         self.pos = 0
         self.what = what
 
-    def add(self, data: bytes) -> None:
+    def add(self, data: bytes | memoryview) -> None:
         end = self.pos + len(data)
         if end > self.size:
             raise WireFormatError(f"{self.what}: stream carries more than the announced {self.size} bytes")

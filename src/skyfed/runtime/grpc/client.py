@@ -36,7 +36,8 @@ from skyfed.federation.messages import ClientResult, TrainTask
 from skyfed.runtime.grpc import DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION
 from skyfed.runtime.grpc import skyfed_pb2 as pb
 from skyfed.runtime.grpc import skyfed_pb2_grpc as pb_grpc
-from skyfed.runtime.grpc.chunks import Assembler, iter_chunks
+from skyfed.runtime.grpc.chunks import Assembler, iter_views
+from skyfed.runtime.grpc.rawchunks import data_of, encode_data_chunk, pull_call, push_call
 from skyfed.runtime.grpc.security import channel_credentials, channel_options
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class FederationSession:
             else grpc.insecure_channel(opts.server, options=options)
         )
         self.stub = pb_grpc.FederationStub(self.channel)
+        self._pull = pull_call(self.channel)  # data chunks as raw bytes (see rawchunks.py)
+        self._push = push_call(self.channel)
         self.session_id = ""
         self.chunk_bytes = chunk_bytes
         self.num_tokens = 0
@@ -153,9 +156,8 @@ class FederationSession:
         def call() -> Pulled:
             req = pb.PullRequest(protocol_version=self.opts.protocol_version, name=self.opts.name,
                                  session_id=self.session_id, wait_s=self.opts.pull_wait_s)
-            stream = self.stub.PullTask(req)
-            first = next(stream)
-            h = first.header
+            stream = self._pull(req)
+            h = pb.TaskChunk.FromString(next(stream)).header
             if h.status == pb.DONE:
                 return Pulled("done")
             if h.status != pb.TASK:
@@ -163,8 +165,9 @@ class FederationSession:
             if max_bytes is not None and h.payload_bytes > max_bytes:
                 raise SkyfedError(f"the server's model of {h.payload_bytes} bytes exceeds federation.max_update_bytes={max_bytes}")
             buf = Assembler(h.payload_bytes, f"global model of round {h.round}")
-            for msg in stream:
-                buf.add(msg.data)
+            for raw in stream:
+                data = data_of(raw)
+                buf.add(data if data is not None else pb.TaskChunk.FromString(raw).data)
             task = TrainTask(h.round, h.version, buf.finish(), h.steps, json.loads(h.options_json or "{}"))
             return Pulled("task", task)
 
@@ -176,12 +179,12 @@ class FederationSession:
         header.name = self.opts.name
         header.session_id = self.session_id
 
-        def messages() -> Iterator[pb.UpdateChunk]:
+        def messages() -> Iterator[pb.UpdateChunk | bytes]:
             yield pb.UpdateChunk(header=header)
-            for chunk in iter_chunks(payload, self.chunk_bytes):
-                yield pb.UpdateChunk(data=chunk)
+            for view in iter_views(payload, self.chunk_bytes):
+                yield encode_data_chunk(view)
 
-        return self.stub.PushUpdate(messages())
+        return self._push(messages())
 
     def push(self, result: ClientResult) -> bool:
         """Send a result (retrying transient failures); False if the server refused it."""

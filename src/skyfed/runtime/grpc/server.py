@@ -30,7 +30,7 @@ from skyfed.metrics import RunDir
 from skyfed.model import federated_parameter_names, num_parameters
 from skyfed.runtime.finish import build_summary, save_hf_model
 from skyfed.runtime.grpc import DEFAULT_CHUNK_BYTES
-from skyfed.runtime.grpc import skyfed_pb2_grpc as pb_grpc
+from skyfed.runtime.grpc.rawchunks import add_servicer
 from skyfed.runtime.grpc.auth import load_tokens
 from skyfed.runtime.grpc.security import server_credentials, server_options
 from skyfed.runtime.grpc.servicer import FederationServicer
@@ -119,7 +119,7 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
         transport, dump_config(cfg), tokenizer_files(data.tokenizer), tokens, cfg.federation.max_update_bytes, opts.chunk_bytes
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max(8, 2 * len(names) + 4)), options=server_options(opts.chunk_bytes))
-    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    add_servicer(servicer, server)
     try:
         port = server.add_secure_port(opts.listen, creds) if creds is not None else server.add_insecure_port(opts.listen)
     except RuntimeError as exc:

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Iterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from skyfed.compression.wire import read_header
 from skyfed.errors import AuthError, PayloadTooLargeError, WireFormatError
@@ -28,7 +29,8 @@ from skyfed.federation.messages import ClientResult, TrainTask
 from skyfed.runtime.grpc import PROTOCOL_VERSION, skyfed_pb2 as pb
 from skyfed.runtime.grpc import skyfed_pb2_grpc as pb_grpc
 from skyfed.runtime.grpc.auth import check_token, new_session_id, same_secret
-from skyfed.runtime.grpc.chunks import Assembler, iter_chunks
+from skyfed.runtime.grpc.chunks import Assembler, iter_views
+from skyfed.runtime.grpc.rawchunks import data_of, encode_data_chunk
 from skyfed.runtime.grpc.transport import GrpcTransport, RoundClosedError
 
 log = logging.getLogger(__name__)
@@ -114,14 +116,14 @@ class FederationServicer(pb_grpc.FederationServicer):
             status=pb.TASK, round=task.round, version=task.version, steps=task.steps,
             options_json=json.dumps(task.options), payload_bytes=len(task.payload),
         ))
-        for chunk in iter_chunks(task.payload, self.chunk_bytes):
-            yield pb.TaskChunk(data=chunk)
+        for view in iter_views(task.payload, self.chunk_bytes):
+            yield encode_data_chunk(view)
 
-    def PushUpdate(self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext) -> pb.PushReply:
+    def PushUpdate(self, request_iterator: Iterator[bytes | pb.UpdateChunk], context: grpc.ServicerContext) -> pb.PushReply:
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
+        kind, h = _parts(first) if first is not None else (None, None)
+        if kind != "header":
             self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "an update stream must start with its header")
-        h = first.header
         self._check_version(h.protocol_version, context)
         self._check_session(h.name, h.session_id, context)
         name, round = h.name, h.round
@@ -150,10 +152,11 @@ class FederationServicer(pb_grpc.FederationServicer):
                 if h.payload_bytes <= 0:
                     raise WireFormatError(f"{what}: announced size {h.payload_bytes} is not positive")
                 buf = Assembler(h.payload_bytes, what)
-                for msg in request_iterator:
-                    if msg.WhichOneof("part") != "data":
+                for item in request_iterator:
+                    kind, data = _parts(item)
+                    if kind != "data":
                         raise WireFormatError(f"{what}: a second header inside the stream")
-                    buf.add(msg.data)
+                    buf.add(data)
                 payload = buf.finish()
                 read_header(payload, self.max_update_bytes)  # framing, sizes, CRC-32
                 result.payload = payload
@@ -182,6 +185,20 @@ class FederationServicer(pb_grpc.FederationServicer):
             self.transport.submit(result)
         except RoundClosedError:
             pass
+
+
+def _parts(item: bytes | pb.UpdateChunk) -> tuple[str | None, object]:
+    """("header", UpdateHeader) or ("data", bytes view) of a raw or parsed UpdateChunk."""
+    if isinstance(item, bytes):
+        data = data_of(item)
+        if data is not None:
+            return "data", data
+        try:
+            item = pb.UpdateChunk.FromString(item)
+        except DecodeError as exc:
+            raise WireFormatError(f"malformed update chunk: {exc}") from None
+    kind = item.WhichOneof("part")
+    return kind, (item.header if kind == "header" else item.data)
 
 
 def _meta(text: str) -> dict:
