@@ -22,8 +22,9 @@ CLIENTS = ["aws", "gcp", "azure", "eve"]
 
 
 @pytest.fixture
-def procs(tmp_path):
-    os.environ.setdefault("SKYFED_CACHE", str(tmp_path / "cache"))
+def procs(tmp_path, monkeypatch):
+    if "SKYFED_CACHE" not in os.environ:
+        monkeypatch.setenv("SKYFED_CACHE", str(tmp_path / "cache"))
     p = Procs(tmp_path)
     yield p
     p.close()

@@ -104,6 +104,8 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
     tokens = load_tokens(opts.tokens_file) if opts.tokens_file else None
     if tokens is None:
         log.warning("no --tokens file: any client that knows a configured name can join")
+    if cfg.federation.round_timeout_s is None:
+        log.warning("federation.round_timeout_s is not set: a round waits for a client that died until it comes back")
     apply_threads(cfg)
     device = device_for(cfg)
     run = RunDir(opts.out or default_run_dir(cfg))
