@@ -139,6 +139,11 @@ def generate(
     console.print(sample_text(model_dir, prompt, max_new_tokens, temperature, seed), highlight=False)
 
 
+from skyfed.runtime.grpc.commands import add_commands as _add_deployment_commands  # noqa: E402
+
+_add_deployment_commands(app)  # skyfed server / client / certs
+
+
 def main(argv: list[str] | None = None) -> Any:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
