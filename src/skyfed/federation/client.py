@@ -107,5 +107,7 @@ class FederatedClient:
         from skyfed.federation.fedsgd import local_gradient
 
         grads, loss, used = local_gradient(self.trainer, tokens, task.steps, rng, self.param_names)
-        payload = encode_payload(grads, kind="update", round=task.round, client=self.name, base_version=task.version)
+        payload = self.uplink.encode(
+            grads, mix_seed(self.seed, task.round), kind="update", round=task.round, client=self.name, base_version=task.version
+        )
         return ClientResult(self.name, task.round, task.version, payload, num_tokens=used, train_loss=loss)
