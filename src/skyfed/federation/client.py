@@ -8,12 +8,14 @@ residuals) carries across rounds.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 import numpy as np
 import torch
 
-from skyfed.compression.payload import decode_payload, encode_payload
+from skyfed.compression.channel import DownlinkReceiver, Uplink
+from skyfed.compression.codecs import mix_seed
 from skyfed.compression.wire import TensorSpec
 from skyfed.errors import WireFormatError
 from skyfed.federation.messages import ClientResult, TrainTask
@@ -34,6 +36,7 @@ class FederatedClient:
         param_names: list[str],
         seed: int,
         max_payload_bytes: int | None = None,
+        compression=None,  # skyfed.config.CompressionConfig; None = plain fp32 both ways
     ):
         self.name = name
         self.tokens = tokens
@@ -43,6 +46,8 @@ class FederatedClient:
         self.max_payload_bytes = max_payload_bytes
         self.spec = {n: TensorSpec(tuple(t.shape), torch.float32) for n, t in get_params(trainer.model, param_names).items()}
         self.on_step: StepCallback | None = None
+        self.uplink = Uplink.from_config(compression)  # keeps the error-feedback residual
+        self.downlink = DownlinkReceiver(get_params(trainer.model, param_names))  # the model it holds
 
     @property
     def num_tokens(self) -> int:
@@ -63,7 +68,7 @@ class FederatedClient:
     def handle(self, task: TrainTask) -> ClientResult:
         """Train on one task; a malformed model payload is reported, not raised."""
         try:
-            params, _ = decode_payload(task.payload, self.spec, self.max_payload_bytes, what="global model")
+            params = self.downlink.receive(task.payload, self.spec, self.max_payload_bytes, what="global model")
         except WireFormatError as exc:
             log.error("client %s: rejected the global model of round %d: %s", self.name, task.round, exc)
             return ClientResult(self.name, task.round, task.version, None, error=str(exc))
@@ -85,7 +90,9 @@ class FederatedClient:
             holdout_loss = evaluate(self.trainer.model, holdout, cfg.seq_len, cfg.batch_size, self.trainer.device).loss
         end = get_params(self.trainer.model, self.param_names)
         delta = {n: params[n] - end[n] for n in self.param_names}  # theta_start - theta_end
-        payload = encode_payload(delta, kind="update", round=task.round, client=self.name, base_version=task.version)
+        payload = self.uplink.encode(
+            delta, mix_seed(self.seed, task.round), kind="update", round=task.round, client=self.name, base_version=task.version
+        )
         return ClientResult(
             client=self.name,
             round=task.round,
@@ -100,6 +107,10 @@ class FederatedClient:
     def _gradient_result(self, task: TrainTask, params, tokens: np.ndarray, rng: np.random.Generator) -> ClientResult:
         from skyfed.federation.fedsgd import local_gradient
 
+        started = time.perf_counter()
         grads, loss, used = local_gradient(self.trainer, tokens, task.steps, rng, self.param_names)
-        payload = encode_payload(grads, kind="update", round=task.round, client=self.name, base_version=task.version)
-        return ClientResult(self.name, task.round, task.version, payload, num_tokens=used, train_loss=loss)
+        payload = self.uplink.encode(
+            grads, mix_seed(self.seed, task.round), kind="update", round=task.round, client=self.name, base_version=task.version
+        )
+        return ClientResult(self.name, task.round, task.version, payload, num_tokens=used, train_loss=loss,
+                            compute_s=time.perf_counter() - started)
