@@ -272,7 +272,7 @@ def load_config(
     for item in overrides or []:
         key, value = parse_override(item)
         _set_path(tree, key, value)
-        source = f"{source} with --set"
+        source = source if source.endswith(" with --set") else f"{source} with --set"
     try:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as err:
