@@ -85,6 +85,40 @@ def generate(
     console.print(sample_text(model_dir, prompt, max_new_tokens, temperature, seed), highlight=False)
 
 
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="run directories (each with summary.json, metrics.jsonl, config.yaml)"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for report.md and the PNG plots"),
+    labels: Optional[str] = typer.Option(None, "--labels", help="comma-separated label per run (default: config name); equal labels = seeds"),
+    title: str = typer.Option("skyfed report", "--title"),
+) -> None:
+    """Compare runs: a Markdown table (mean ± std over seeds) and PNG plots."""
+    from skyfed.report import write_report
+
+    names = [s.strip() for s in labels.split(",")] if labels else None
+    console.print(f"report: {write_report(run_dirs, out, names, title)}")
+
+
+@app.command()
+def suite(
+    name: str = typer.Argument(..., help="a suite in configs/suites/ (e.g. paper) or a manifest YAML path"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default runs/suite-NAME[-quick])"),
+    quick: bool = typer.Option(False, "--quick", help="smoke-sized runs, one seed (CI)"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="override every experiment's number of seeds"),
+    only: list[str] = typer.Option([], "--only", help="run only these experiments"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Run an experiment suite (runs already finished are skipped), then report each experiment."""
+    from skyfed.suite import load_suite, run_suite
+    from skyfed.ui_suite import SuiteProgress
+
+    spec = load_suite(name)
+    with SuiteProgress(console, enabled=not quiet) as view:
+        reports = run_suite(spec, out, quick=quick, seeds=seeds, only=only or None, on_event=view.handle)
+    for exp, path in reports.items():
+        console.print(f"{exp}: {path}")
+
+
 def main(argv: list[str] | None = None) -> Any:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
