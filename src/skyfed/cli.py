@@ -106,13 +106,17 @@ def suite(
     quick: bool = typer.Option(False, "--quick", help="smoke-sized runs, one seed (CI)"),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="override every experiment's number of seeds"),
     only: list[str] = typer.Option([], "--only", help="run only these experiments"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the runs and their local steps; run nothing"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Run an experiment suite (runs already finished are skipped), then report each experiment."""
     from skyfed.suite import load_suite, run_suite
-    from skyfed.ui_suite import SuiteProgress
+    from skyfed.ui_suite import SuiteProgress, print_plan
 
     spec = load_suite(name)
+    if dry_run:
+        print_plan(console, spec, out, quick, seeds, only or None)
+        return
     with SuiteProgress(console, enabled=not quiet) as view:
         reports = run_suite(spec, out, quick=quick, seeds=seeds, only=only or None, on_event=view.handle)
     for exp, path in reports.items():

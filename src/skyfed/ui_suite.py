@@ -48,3 +48,28 @@ class SuiteProgress:
             p.advance(self.round_task)
         elif kind == "local_step":
             p.update(self.round_task, description=f"{data['client']} step {data['step']}/{data['steps']}")
+
+
+def print_plan(console: Console, spec, out, quick: bool, seeds: int | None, only: list[str] | None) -> None:
+    """The runs a suite would make, with local steps per run (the cost model) and a total."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from skyfed.suite import local_steps, plan_suite, resolve
+
+    out = Path(out or Path("runs") / f"suite-{spec.name}{'-quick' if quick else ''}")
+    plan = plan_suite(spec, out, quick, seeds, only)
+    table = Table(title=f"suite {spec.name}{' (quick)' if quick else ''}: {len(plan)} runs")
+    for col in ("experiment", "run", "seed", "model", "rounds x steps x clients", "local steps", "done"):
+        table.add_column(col)
+    total = 0
+    for run in plan:
+        cfg = resolve(spec, run, quick)
+        n = local_steps(cfg)
+        total += n
+        table.add_row(run.experiment, run.label, str(run.seed), cfg.model.preset,
+                      f"{cfg.federation.rounds} x {cfg.train.local_steps} x {len(cfg.federation.clients)}", str(n),
+                      "yes" if (run.dir / "summary.json").exists() else "")
+    console.print(table)
+    console.print(f"total local steps: {total:,}")
