@@ -28,5 +28,6 @@ clean:
 	$(PY) -m venv .venv-flower
 	.venv-flower/bin/pip install -q $(TORCH_PIN) "flwr[simulation]==1.42.0" transformers tokenizers safetensors numpy pydantic pyyaml
 
+.PHONY: bench-flower
 bench-flower: setup .venv-flower/bin/python
 	PYTHONPATH=src $(BIN)/python bench/vs_flower.py --flower-python .venv-flower/bin/python $(ARGS)
