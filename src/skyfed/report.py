@@ -170,7 +170,7 @@ def group_runs(runs: Iterable[RunData]) -> list[Group]:
 COLUMNS = [  # key, header, format (of the mean and of the std)
     ("val_token_acc", "next-token acc (%)", lambda v: f"{v * 100:.2f}"),
     ("val_ppl", "val perplexity", lambda v: f"{v:.2f}"),
-    ("total_gb", "total GB", lambda v: f"{v:.4f}"),
+    ("total_gb", "total GB", lambda v: f"{v:.4g}"),
     ("sim_time_s", "sim time (s)", lambda v: f"{v:.1f}"),
     ("egress_usd", "egress (USD)", lambda v: f"{v:.4f}"),
     ("wall_time_s", "wall time (s)", lambda v: f"{v:.1f}"),
