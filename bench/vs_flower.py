@@ -70,7 +70,8 @@ def run_skyfed(preset: str, overrides: list[str], out: Path) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     train = sum(sum(r["compute_s"].values()) for r in rows)
-    evals = sum(r["eval_s"] for r in rows)
+    final_eval = summary["wall_time_s"] - rows[-1]["elapsed_s"]  # final evaluation + saving the HF model dir
+    evals = sum(r["eval_s"] for r in rows) + final_eval
     rounds_wall = sum(r["wall_time_s"] for r in rows)
     n_clients = len(rows[0]["bytes_up_by_client"])
     return {
@@ -79,7 +80,7 @@ def run_skyfed(preset: str, overrides: list[str], out: Path) -> dict:
         "rounds_wall_s": rounds_wall,
         "train_s": train,
         "eval_s": evals,
-        "final_eval_and_save_s": summary["wall_time_s"] - rows[-1]["elapsed_s"],
+        "final_eval_and_save_s": final_eval,
         "not_training_s": wall - train,
         "framework_overhead_s": wall - train - evals,
         "steady_round_overhead_s": _median([r["wall_time_s"] - sum(r["compute_s"].values()) - r["eval_s"] for r in rows[1:]]),
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skyfed-set", action="append", default=[], help="extra --set for both skyfed runs")
     ap.add_argument("--compressed-set", action="append", default=[],
                     help="--set for an extra skyfed run with compression, e.g. 'compression.uplink=[int8]'")
+    ap.add_argument("--flower-first", action="store_true", help="run the Flower side first (order effects on a busy machine)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "vs_flower.json")
     args = ap.parse_args(argv)
 
@@ -164,8 +166,11 @@ def main(argv: list[str] | None = None) -> dict:
                      "max_batches": cfg.eval.max_batches, "final_max_batches": cfg.eval.final_max_batches},
             "result": str(tmp / "flower-result.json"),
         }
+        if args.flower_first:
+            results["flower"] = run_flower(args.flower_python, spec, tmp / "spec.json")
         results["skyfed"] = run_skyfed(args.preset, overrides, tmp / "skyfed")
-        results["flower"] = run_flower(args.flower_python, spec, tmp / "spec.json")
+        if not args.flower_first:
+            results["flower"] = run_flower(args.flower_python, spec, tmp / "spec.json")
         if args.compressed_set:
             results["skyfed_compressed"] = run_skyfed(args.preset, overrides + args.compressed_set, tmp / "skyfed-compressed")
             results["skyfed_compressed"]["set"] = args.compressed_set
@@ -193,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "flwr": flwr_version, "threads_per_side": args.threads,
                     "note": "shared machine (other jobs running): timings are noisy"},
+        "order": "flower first" if args.flower_first else "skyfed first",
         "setup": {"model": cfg.model.preset, "params": sum(int(np.prod(t.shape)) for t in _param_shapes(cfg, data)),
                   "clients": len(data.client_tokens), "rounds": args.rounds, "local_steps": args.steps,
                   "batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len, "optimizer_state": "reset",
