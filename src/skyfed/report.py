@@ -181,7 +181,9 @@ def _cell(stat: tuple[float, float, int] | None, fmt) -> str:
     if stat is None:
         return "–"
     mean, std, n = stat
-    return fmt(mean) + (f" ± {fmt(std)}" if n > 1 else "")
+    if n == 1:
+        return fmt(mean)
+    return fmt(mean) + " ± " + ("0" if std <= 1e-6 * abs(mean) else fmt(std))  # e.g. header bytes differing
 
 
 def comparison_table(groups: list[Group]) -> tuple[str, list[dict[str, Any]]]:
@@ -273,6 +275,10 @@ def plot_metric(groups: list[Group], axis: str, metric: str, out: Path, title: s
         hi = max(float(c[2].max()) for c in curves)
         if lo > 0 and hi / lo > 10:
             ax.set_yscale("log")
+    if axis == "round":
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
