@@ -50,6 +50,45 @@ def run(
 
 
 @app.command()
+def partition(
+    config: Optional[Path] = typer.Argument(None, help="experiment YAML (default: the three-cloud preset)"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="named experiment preset"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set data.partition.alpha=0.1"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default OUT_DIR/NAME-partition)"),
+) -> None:
+    """Split the corpus across the clients; write the shards, partition.json and partition.png."""
+    from skyfed.config import load_config
+    from skyfed.partition_report import partition_table
+    from skyfed.runtime.partitioning import write_partition
+    from skyfed.runtime.setup import prepare_data
+
+    cfg = load_config(config, preset, set_)
+    data = prepare_data(cfg)
+    if data.partition is None:
+        fail("every client has its own data (federation.clients[].data): there is nothing to partition")
+    folder = out or Path(cfg.out_dir) / f"{cfg.name}-partition"
+    files = write_partition(data.partition, folder)
+    console.print(partition_table(data.partition.stats))
+    console.print(f"shards, {files['report'].name} and {files['plot'].name} in {folder}")
+
+
+@app.command()
+def calibrate(
+    config: Optional[Path] = typer.Argument(None, help="experiment YAML (default: the three-cloud preset)"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="named experiment preset"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key"),
+    steps: int = typer.Option(10, "--steps", min=1, help="timed local training steps"),
+) -> None:
+    """Time real local steps of the experiment's model here; print clouds.reference_tokens_per_s."""
+    from skyfed.config import load_config
+    from skyfed.runtime.calibrate import measure_tokens_per_s
+
+    m = measure_tokens_per_s(load_config(config, preset, set_), steps)
+    console.print(f"{m['tokens_per_s']:.0f} tokens/s over {m['steps']} steps on {m['device']} ({m['seconds']:.2f} s)")
+    console.print(f"use it as the speed-1.0 reference: --set clouds.reference_tokens_per_s={m['tokens_per_s']:.0f}")
+
+
+@app.command()
 def presets() -> None:
     """List experiment presets and model presets."""
     from rich.table import Table
@@ -69,6 +108,21 @@ def presets() -> None:
     for name, (desc, _) in MODEL_PRESETS.items():
         models.add_row(name, desc)
     console.print(models)
+
+
+@app.command()
+def strategies() -> None:
+    """List aggregation strategies (federation.strategy.name) with the paper each comes from."""
+    from rich.table import Table
+
+    from skyfed.federation.strategies import STRATEGIES, yaml_params
+
+    table = Table(title="strategies (federation.strategy.name)")
+    for col in ("name", "description", "paper", "params"):
+        table.add_column(col)
+    for name, cls in STRATEGIES.items():
+        table.add_row(name + (" (async)" if cls.asynchronous else ""), cls.description, cls.paper, ", ".join(yaml_params(cls)))
+    console.print(table)
 
 
 @app.command()
@@ -121,6 +175,11 @@ def suite(
         reports = run_suite(spec, out, quick=quick, seeds=seeds, only=only or None, on_event=view.handle)
     for exp, path in reports.items():
         console.print(f"{exp}: {path}")
+
+
+from skyfed.runtime.grpc.commands import add_commands as _add_deployment_commands  # noqa: E402
+
+_add_deployment_commands(app)  # skyfed server / client / certs
 
 
 def main(argv: list[str] | None = None) -> Any:

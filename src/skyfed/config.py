@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from skyfed.errors import ConfigError
+from skyfed.errors import ConfigError, SkyfedError
 
 
 class Section(BaseModel):
@@ -24,8 +24,18 @@ class Section(BaseModel):
 class PartitionConfig(Section):
     """How one corpus is split across clients (ignored for clients with their own data)."""
 
-    method: Literal["iid", "natural"] = "iid"
+    method: Literal["iid", "natural", "dirichlet", "quantity", "capacity"] = "iid"
     seed: int | None = None  # defaults to the experiment seed
+    alpha: float = Field(0.5, gt=0)  # dirichlet: concentration of each client's topic mix
+    num_topics: int = Field(8, ge=1)  # dirichlet (and the report): k-means topics of documents
+    shares: list[float] | None = None  # quantity: explicit relative sizes, one per client
+    power: float = Field(1.0, ge=0)  # quantity without shares: client i gets (i + 1) ** -power
+
+    @model_validator(mode="after")
+    def _positive_shares(self) -> "PartitionConfig":
+        if self.shares is not None and (not self.shares or min(self.shares) <= 0):
+            raise ValueError(f"shares must be positive numbers, got {self.shares}")
+        return self
 
 
 class DataConfig(Section):
@@ -100,6 +110,57 @@ class FederationConfig(Section):
         return self
 
 
+class CloudProfileSpec(Section):
+    """A user-defined cloud profile, or overrides of a built-in one (see skyfed.clouds)."""
+
+    base: str | None = None  # built-in profile to start from (default: the one of the same name)
+    speed: float | None = Field(None, gt=0)
+    tokens_per_s: float | None = Field(None, gt=0)
+    uplink_mbps: float | None = Field(None, gt=0)
+    downlink_mbps: float | None = Field(None, gt=0)
+    rtt_ms: float | None = Field(None, ge=0)
+    egress_usd_per_gb: float | None = Field(None, ge=0)
+    unavailability: float | None = Field(None, ge=0, le=1)
+
+
+class OutageSpec(Section):
+    target: str  # a client or a cloud
+    rounds: int | tuple[int, int]  # FIRST or [FIRST, LAST], inclusive, 0-based as in metrics.jsonl
+
+
+class CloudsConfig(Section):
+    """Simulated clouds: the clock, the network and the egress bill (docs/clouds.md)."""
+
+    simulate: bool = True  # False: no clock, no bill (results in send order, zero time)
+    server: str = "aws"  # the server's cloud: pays the egress of the model sent to clients
+    profiles: dict[str, CloudProfileSpec] = {}
+    reference_tflops: float = Field(100.0, gt=0)  # effective FLOP/s of a speed-1.0 cloud (assumption)
+    reference_tokens_per_s: float | None = Field(None, gt=0)  # overrides reference_tflops
+    same_cloud_free: bool = True  # a client in the server's cloud pays no egress (same region)
+    aggregation_s: float | None = Field(None, ge=0)  # simulated aggregation time; None = measured
+    outages: list[str | OutageSpec] = []  # "gcp:5-7" or {target: gcp, rounds: [5, 7]}
+
+
+class CompressionConfig(Section):
+    """Codec chains per direction, e.g. ``uplink: [{name: topk, fraction: 0.01}, int8]``
+    (see skyfed.compression.codecs); an empty chain sends plain fp32."""
+
+    uplink: list[str | dict[str, Any]] = []
+    downlink: list[str | dict[str, Any]] = []
+    error_feedback: bool = True  # uplink residuals for lossy chains
+    downlink_delta: bool = True  # send the change since the model a client holds
+
+    @field_validator("uplink", "downlink", mode="after")
+    @classmethod
+    def _valid_chain(cls, specs: list[Any]) -> list[dict[str, Any]]:
+        from skyfed.compression.chain import Chain
+
+        try:
+            return Chain.from_specs(specs).specs()
+        except SkyfedError as exc:
+            raise ValueError(str(exc)) from None
+
+
 class ExperimentConfig(Section):
     name: str = "default"
     seed: int = 0
@@ -112,6 +173,8 @@ class ExperimentConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     federation: FederationConfig = FederationConfig()
+    clouds: CloudsConfig = CloudsConfig()
+    compression: CompressionConfig = CompressionConfig()
 
 
 # ---------------------------------------------------------------- presets

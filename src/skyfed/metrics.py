@@ -51,6 +51,9 @@ class RunDir:
         kept = [r for r in self.read_metrics() if r.get("round", -1) <= last_round]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
+    def write_json(self, name: str, data: Any) -> None:
+        atomic_write_text(self.path / name, json.dumps(data, indent=2) + "\n")
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
 

@@ -51,6 +51,7 @@ class ProgressView:
             self.progress.console.log(
                 f"round {data['round'] + 1}: val ppl {data['val_ppl']:.1f}, acc {data['val_token_acc']:.3f}, "
                 f"up {data['bytes_up'] / 1e6:.2f} MB, down {data['bytes_down'] / 1e6:.2f} MB"
+                + (f", sim {data['sim_time_s']:.2f} s, egress ${data['egress_cost_usd']['total']:.4f}" if "sim_time_s" in data else "")
                 + (f", missing {data['missing']}" if data.get("missing") else "")
                 + (f", rejected {list(data['rejected'])}" if data.get("rejected") else "")
             )
@@ -62,6 +63,14 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return str(n)
+
+
+def _fmt_seconds(s: float) -> str:
+    if s < 120:
+        return f"{s:.2f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
 
 
 def print_summary(console: Console, run_dir: Path, summary: dict[str, Any]) -> None:
@@ -81,6 +90,11 @@ def print_summary(console: Console, run_dir: Path, summary: dict[str, Any]) -> N
         ("bytes down", _fmt_bytes(summary["total"]["bytes_down"])),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
     ]
+    if "sim_time_s" in summary:  # the simulated clouds (skyfed.clouds)
+        rows.append(("simulated time", _fmt_seconds(summary["sim_time_s"])))
+        cost = summary.get("egress_cost_usd", {})
+        per_cloud = ", ".join(f"{c} ${v:.4f}" for c, v in cost.items() if c != "total")
+        rows.append(("egress cost", f"${cost.get('total', 0.0):.4f}" + (f" ({per_cloud})" if per_cloud else "")))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)

@@ -1,6 +1,11 @@
-"""Encode named tensors into wire bytes and back, validating against the model.
+"""Encode named tensors into wire bytes through a codec chain, and back with full validation.
 
-The foundation sends plain fp32 tensors (codec chain ``[]``); codecs plug in here.
+The header records the chain (each codec's name and parameters, including the seeds a
+receiver needs for random-k), so a payload decodes on its own. `decode_payload` checks
+the framing (size limit, magic, version, CRC-32, truncation), rebuilds the chain
+(unknown codec or bad parameters are rejected), validates every encoded part (names,
+dtypes, shapes, index ranges, NaN/Inf) and only then returns decoded float32 tensors.
+Every failure is a `WireFormatError` (or `PayloadTooLargeError`) with a clear message.
 """
 
 from __future__ import annotations
@@ -9,14 +14,22 @@ from typing import Any
 
 import torch
 
+from skyfed.compression.chain import Chain
 from skyfed.compression.wire import TensorSpec, check_tensors, pack, unpack
 from skyfed.errors import WireFormatError
 
 
-def encode_payload(tensors: dict[str, torch.Tensor], **header: Any) -> bytes:
-    """Serialize `tensors` with header fields such as kind, round and client."""
-    header.setdefault("codecs", [])
-    return pack(tensors, header)
+def encode_payload(tensors: dict[str, torch.Tensor], chain: Chain | None = None, **header: Any) -> bytes:
+    """Serialize `tensors` through `chain` (None or empty = plain fp32) with header fields
+    such as kind, round and client."""
+    chain = chain or Chain([])
+    return pack_parts(chain.encode(tensors), chain, **header)
+
+
+def pack_parts(parts: dict[str, torch.Tensor], chain: Chain, **header: Any) -> bytes:
+    """Serialize parts already encoded by `chain`, recording the chain in the header."""
+    header["codecs"] = chain.specs()
+    return pack(parts, header)
 
 
 def decode_payload(
@@ -25,9 +38,12 @@ def decode_payload(
     max_bytes: int | None = None,
     what: str = "payload",
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Validate framing, codec chain, names, shapes, dtypes and finiteness."""
-    tensors, header = unpack(data, max_bytes)
-    if header.get("codecs"):
-        raise WireFormatError(f"{what}: unknown codec chain {header['codecs']!r}")
+    """Validate framing, codec chain, names, shapes, dtypes and finiteness; decode."""
+    parts, header = unpack(data, max_bytes)
+    try:
+        chain = Chain.from_specs(header.get("codecs", []))
+    except WireFormatError as exc:
+        raise WireFormatError(f"{what}: {exc}") from None
+    tensors = chain.decode(parts, expected, what) if chain else parts
     check_tensors(tensors, expected, what)
     return tensors, header

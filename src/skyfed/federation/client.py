@@ -13,12 +13,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from skyfed.compression.payload import decode_payload, encode_payload
+from skyfed.compression.channel import DownlinkReceiver, Uplink
+from skyfed.compression.codecs import mix_seed
 from skyfed.compression.wire import TensorSpec
 from skyfed.errors import WireFormatError
 from skyfed.federation.messages import ClientResult, TrainTask
 from skyfed.model import get_params, set_params
-from skyfed.train import LocalTrainer
+from skyfed.train import LocalTrainer, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class FederatedClient:
         param_names: list[str],
         seed: int,
         max_payload_bytes: int | None = None,
+        compression=None,  # skyfed.config.CompressionConfig; None = plain fp32 both ways
     ):
         self.name = name
         self.tokens = tokens
@@ -43,15 +45,29 @@ class FederatedClient:
         self.max_payload_bytes = max_payload_bytes
         self.spec = {n: TensorSpec(tuple(t.shape), torch.float32) for n, t in get_params(trainer.model, param_names).items()}
         self.on_step: StepCallback | None = None
+        self.uplink = Uplink.from_config(compression)  # keeps the error-feedback residual
+        self.downlink = DownlinkReceiver(get_params(trainer.model, param_names))  # the model it holds
 
     @property
     def num_tokens(self) -> int:
         return len(self.tokens)
 
+    def split_holdout(self, holdout_tokens: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(training tokens, held-out slice): the last `holdout_tokens` of the shard are
+        never trained on when a strategy asks for a holdout score (dynamic weighting).
+        The slice is capped at a quarter of the shard and at least two windows long."""
+        if holdout_tokens <= 0:
+            return self.tokens, None
+        window = self.trainer.cfg.seq_len + 1
+        n = min(int(holdout_tokens), len(self.tokens) // 4)
+        if n < 2 * window:
+            return self.tokens, None
+        return self.tokens[:-n], self.tokens[-n:]
+
     def handle(self, task: TrainTask) -> ClientResult:
         """Train on one task; a malformed model payload is reported, not raised."""
         try:
-            params, _ = decode_payload(task.payload, self.spec, self.max_payload_bytes, what="global model")
+            params = self.downlink.receive(task.payload, self.spec, self.max_payload_bytes, what="global model")
         except WireFormatError as exc:
             log.error("client %s: rejected the global model of round %d: %s", self.name, task.round, exc)
             return ClientResult(self.name, task.round, task.version, None, error=str(exc))
@@ -61,12 +77,21 @@ class FederatedClient:
         callback = None
         if self.on_step is not None:
             callback = lambda step, loss: self.on_step(self.name, step, task.steps, loss)  # noqa: E731
+        train_tokens, holdout = self.split_holdout(int(task.options.get("holdout_tokens", 0)))
+        if task.options.get("send") == "gradient":  # FedSGD: the gradient, not a local step
+            return self._gradient_result(task, params, train_tokens, rng)
         stats = self.trainer.train(
-            self.tokens, task.steps, rng, prox_mu=float(task.options.get("prox_mu", 0.0)), on_step=callback
+            train_tokens, task.steps, rng, prox_mu=float(task.options.get("prox_mu", 0.0)), on_step=callback
         )
+        holdout_loss = None
+        if holdout is not None:
+            cfg = self.trainer.cfg
+            holdout_loss = evaluate(self.trainer.model, holdout, cfg.seq_len, cfg.batch_size, self.trainer.device).loss
         end = get_params(self.trainer.model, self.param_names)
         delta = {n: params[n] - end[n] for n in self.param_names}  # theta_start - theta_end
-        payload = encode_payload(delta, kind="update", round=task.round, client=self.name, base_version=task.version)
+        payload = self.uplink.encode(
+            delta, mix_seed(self.seed, task.round), kind="update", round=task.round, client=self.name, base_version=task.version
+        )
         return ClientResult(
             client=self.name,
             round=task.round,
@@ -74,5 +99,13 @@ class FederatedClient:
             payload=payload,
             num_tokens=stats.tokens,
             train_loss=stats.loss_mean,
+            holdout_loss=holdout_loss,
             compute_s=stats.seconds,
         )
+
+    def _gradient_result(self, task: TrainTask, params, tokens: np.ndarray, rng: np.random.Generator) -> ClientResult:
+        from skyfed.federation.fedsgd import local_gradient
+
+        grads, loss, used = local_gradient(self.trainer, tokens, task.steps, rng, self.param_names)
+        payload = encode_payload(grads, kind="update", round=task.round, client=self.name, base_version=task.version)
+        return ClientResult(self.name, task.round, task.version, payload, num_tokens=used, train_loss=loss)

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from skyfed.checkpoint import load_checkpoint, save_checkpoint
-from skyfed.compression.payload import decode_payload, encode_payload
+from skyfed.compression.channel import Downlink, fp32_bytes
+from skyfed.compression.payload import decode_payload
 from skyfed.compression.wire import TensorSpec
 from skyfed.config import ExperimentConfig
 from skyfed.errors import SkyfedError
@@ -50,6 +51,7 @@ class RoundOutcome:
     missing: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     compute_s: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # ClientResult.meta of each arrival
 
 
 class Engine:
@@ -74,11 +76,15 @@ class Engine:
         self.on_event = on_event or (lambda kind, data: None)
         self.params = get_params(model, param_names)
         self.spec = {n: TensorSpec(tuple(t.shape), torch.float32) for n, t in self.params.items()}
+        self.downlink = Downlink.from_config(cfg.compression, self.spec)
         self.version = 0
         self.next_round = 0
         self.totals = {"bytes_up": 0, "bytes_down": 0}
         self.started = time.perf_counter()
         self.elapsed_before = 0.0  # wall time of earlier sessions (resume)
+        # Objects with round_start(round) and round_end(round, record, outcome) -> dict of
+        # extra metrics (e.g. the simulated clock and egress bill, skyfed.runtime.cloud_metrics).
+        self.observers: list[Any] = []
 
     # ------------------------------------------------------------ state
 
@@ -124,6 +130,10 @@ class Engine:
 
     def run(self) -> None:
         fed = self.cfg.federation
+        if self.strategy.asynchronous:
+            from skyfed.federation.async_loop import run_async
+
+            return run_async(self)
         for r in range(self.next_round, fed.rounds):
             self.run_round(r)
 
@@ -159,6 +169,7 @@ class Engine:
                 continue
             waiting.discard(result.client)
             out.compute_s[result.client] = result.compute_s
+            out.meta[result.client] = result.meta
             try:
                 out.updates.append(self._decode(result, round))
             except SkyfedError as exc:
@@ -175,11 +186,17 @@ class Engine:
         rng = np.random.default_rng([self.cfg.seed, r, 7])
         selected = select_clients(self.transport.client_names(), fed.fraction, fed.min_clients, rng)
         self.on_event("round_start", {"round": r, "clients": selected})
-        payload = encode_payload(self.params, kind="model", round=r, version=self.version)
+        for obs in self.observers:
+            obs.round_start(r)
         options = self.strategy.client_options(r)
-        for client in selected:
-            self.transport.send(client, TrainTask(r, self.version, payload, self.cfg.train.local_steps, options))
-        outcome = self.collect(r, selected, fed.round_timeout_s)
+        unreachable = [c for c in selected if not self.transport.reachable(c, r)]
+        reached = [c for c in selected if c not in unreachable]
+        payloads = {c: self.downlink.payload_for(c, self.params, r, self.version) for c in reached}
+        for client in reached:
+            self.transport.send(client, TrainTask(r, self.version, payloads[client], self.cfg.train.local_steps, options))
+        outcome = self.collect(r, reached, fed.round_timeout_s)
+        self.downlink.settle(reached, [u.client for u in outcome.updates])
+        outcome.missing = [c for c in selected if c in unreachable or c in outcome.missing]
         t_agg = time.perf_counter()
         metrics: dict[str, Any] = {}
         aggregated = len(outcome.updates) >= fed.min_clients
@@ -196,7 +213,7 @@ class Engine:
         ev = self.evaluator(self.model, self.cfg.eval.max_batches)
         eval_s = time.perf_counter() - t_eval
         bytes_up = {u.client: u.bytes_up for u in outcome.updates}
-        bytes_down = {c: len(payload) for c in selected}
+        bytes_down = {c: len(payloads[c]) for c in reached}
         self.totals["bytes_up"] += sum(bytes_up.values())
         self.totals["bytes_down"] += sum(bytes_down.values())
         self.next_round = r + 1
@@ -206,6 +223,7 @@ class Engine:
             "clients": selected,
             "aggregated": aggregated,
             "missing": outcome.missing,
+            "unreachable": unreachable,
             "rejected": outcome.rejected,
             "train_loss": {u.client: u.train_loss for u in outcome.updates},
             "val_loss": ev.loss,
@@ -215,6 +233,8 @@ class Engine:
             "bytes_down": sum(bytes_down.values()),
             "bytes_up_by_client": bytes_up,
             "bytes_down_by_client": bytes_down,
+            "fp32_bytes_up": len(bytes_up) * fp32_bytes(self.spec),  # the same tensors as plain fp32
+            "fp32_bytes_down": len(bytes_down) * fp32_bytes(self.spec),
             "cum_bytes_up": self.totals["bytes_up"],
             "cum_bytes_down": self.totals["bytes_down"],
             "compute_s": outcome.compute_s,
@@ -224,6 +244,8 @@ class Engine:
             "elapsed_s": self.elapsed_s(),
             **metrics,
         }
+        for obs in self.observers:
+            record.update(obs.round_end(r, record, outcome))
         self.run_dir.append_metrics(record)
         self.save()
         self.on_event("round_end", record)

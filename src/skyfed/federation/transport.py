@@ -29,6 +29,11 @@ class Transport(ABC):
         Seconds are on this transport's clock (`now`): simulated seconds in a
         simulation, real seconds in a deployment."""
 
+    def reachable(self, client: str, round: int) -> bool:
+        """Whether a task for `round` can be delivered to `client` now (a simulated outage
+        says no); an unreachable client is sent nothing and counted as missing."""
+        return True
+
     def now(self) -> float:
         """This transport's clock in seconds (real time unless simulated)."""
         return time.monotonic()

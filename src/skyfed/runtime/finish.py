@@ -21,6 +21,16 @@ def save_hf_model(model: torch.nn.Module, tokenizer, run: RunDir) -> None:
     tokenizer.save_pretrained(str(out))
 
 
+def _ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """fp32 bytes of the same tensors / actual bytes, per direction (compression ratio)."""
+    out = {}
+    for d in ("up", "down"):
+        fp32, actual = sum(r.get(f"fp32_bytes_{d}", 0) for r in rows), sum(r.get(f"bytes_{d}", 0) for r in rows)
+        if fp32 and actual:
+            out[f"compression_ratio_{d}"] = fp32 / actual
+    return out
+
+
 def build_summary(
     run: RunDir,
     final: EvalResult,
@@ -41,7 +51,7 @@ def build_summary(
         },
         "unigram_ppl": unigram_ppl,
         "ppl_vs_unigram": final.ppl / unigram_ppl,
-        "total": {"bytes_up": total_up, "bytes_down": total_down, "bytes": total_up + total_down},
+        "total": {"bytes_up": total_up, "bytes_down": total_down, "bytes": total_up + total_down, **_ratios(rows)},
         "wall_time_s": wall_time_s,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

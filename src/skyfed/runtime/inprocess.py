@@ -1,25 +1,90 @@
-"""The in-process transport: clients are objects; `send` runs the client's round at once
-and queues its result; `receive` hands results back in arrival order."""
+"""The in-process transport: clients are objects, time is a simulated clock.
+
+`send(client, task)` runs the client's task at once, for real, and schedules its result
+to arrive at `now + download + compute + upload` simulated seconds, as the client's
+cloud profile says (`skyfed.clouds.CloudNetwork`); a client busy with an earlier task
+starts the new one when it is free. `receive(timeout)` pops the earliest arrival and
+moves the clock to it, or moves the clock by `timeout` when nothing arrives sooner.
+`elapse(seconds)` moves it for server work (aggregation). The transport knows nothing
+of rounds: synchronous and asynchronous engines both drive it.
+
+Without a network every transfer and computation takes zero simulated time and
+results arrive in the order they were sent.
+"""
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
+import logging
 
+from skyfed.clouds import CloudNetwork, Timing
 from skyfed.federation.client import FederatedClient
 from skyfed.federation.messages import ClientResult, TrainTask
 from skyfed.federation.transport import Transport
 
+log = logging.getLogger(__name__)
 
-class InProcessTransport(Transport):
-    def __init__(self, clients: list[FederatedClient]):
+
+class SimulatedTransport(Transport):
+    def __init__(self, clients: list[FederatedClient], network: CloudNetwork | None = None, start_s: float = 0.0):
         self.clients = {c.name: c for c in clients}
-        self._done: deque[ClientResult] = deque()
+        self.network = network
+        self._now = start_s
+        self._seq = 0  # ties in arrival time keep send order
+        self._queue: list[tuple[float, int, ClientResult]] = []
+        self._busy_until: dict[str, float] = {}
 
     def client_names(self) -> list[str]:
         return list(self.clients)
 
+    def now(self) -> float:
+        return self._now
+
+    def elapse(self, seconds: float) -> None:
+        """Server-side work (e.g. aggregation) of `seconds` moves the simulated clock."""
+        self._now += max(0.0, seconds)
+
+    def reachable(self, client: str, round: int) -> bool:
+        if self.network is None:
+            return True
+        reason = self.network.unavailable_reason(client, round)
+        if reason is not None:
+            log.warning("round %d: %s is unreachable: %s", round, client, reason)
+        return reason is None
+
     def send(self, client: str, task: TrainTask) -> None:
-        self._done.append(self.clients[client].handle(task))
+        result = self.clients[client].handle(task)
+        arrival = self._now
+        net = self.network
+        if net is not None:
+            start = max(self._now, self._busy_until.get(client, 0.0))
+            up_bytes = len(result.payload) if result.payload is not None else 0
+            timing = Timing(
+                download_s=net.download_s(client, len(task.payload)),
+                compute_s=net.compute_s(client, result.num_tokens),
+                upload_s=net.upload_s(client, up_bytes),
+                start_s=start,
+            )
+            net.bill_download(client, len(task.payload))
+            net.bill_upload(client, up_bytes)  # billed when sent, even if it arrives too late
+            arrival = start + timing.total_s
+            self._busy_until[client] = arrival
+            result.meta["timing"] = {**timing.as_dict(), "cloud": net.client_cloud[client]}
+        heapq.heappush(self._queue, (arrival, self._seq, result))
+        self._seq += 1
 
     def receive(self, timeout: float | None = None) -> ClientResult | None:
-        return self._done.popleft() if self._done else None
+        if self._queue and (timeout is None or self._queue[0][0] <= self._now + timeout):
+            arrival, _, result = heapq.heappop(self._queue)
+            self._now = max(self._now, arrival)
+            return result
+        if timeout is not None:
+            self._now += timeout
+        return None
+
+    def in_flight(self) -> int:
+        """Results sent but not yet received."""
+        return len(self._queue)
+
+
+InProcessTransport = SimulatedTransport  # the name the foundation used

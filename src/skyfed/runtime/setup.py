@@ -16,7 +16,6 @@ import torch
 
 from skyfed.config import ExperimentConfig
 from skyfed.data.corpus import load_corpus, read_documents
-from skyfed.data.partition import partition_documents
 from skyfed.data.shards import TokenShard, tokenize_documents
 from skyfed.data.tokenizer import get_tokenizer
 from skyfed.errors import DataError
@@ -40,6 +39,7 @@ class PreparedData:
     client_tokens: dict[str, np.ndarray]
     client_docs: dict[str, int]
     unigram_ppl: float
+    partition: object | None = None  # skyfed.runtime.partitioning.Partition (None: every client has its own data)
 
 
 def apply_threads(cfg: ExperimentConfig) -> None:
@@ -63,11 +63,12 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
     shared = [c.name for c in specs if c.data is None]
     client_tokens: dict[str, np.ndarray] = {}
     client_docs: dict[str, int] = {}
+    part = None
     if shared:
-        seed = cfg.seed if d.partition.seed is None else d.partition.seed
-        parts = partition_documents(d.partition.method, train.doc_lengths(), len(shared), seed)
-        for name, idx in zip(shared, parts):
-            shard = train.subset(idx)
+        from skyfed.runtime.partitioning import plan_partition
+
+        part = plan_partition(cfg, train, shared, len(tokenizer))
+        for name, shard in zip(shared, part.shards):
             client_tokens[name], client_docs[name] = shard.tokens, shard.num_docs
     for spec in specs:
         if spec.data is not None:
@@ -79,7 +80,8 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
     ordered = {c.name: client_tokens[c.name] for c in specs}
     pooled = np.concatenate(list(ordered.values()))
     return PreparedData(
-        tokenizer, tok_key, train, valid, ordered, client_docs, unigram_perplexity(pooled, valid.tokens, len(tokenizer))
+        tokenizer, tok_key, train, valid, ordered, client_docs, unigram_perplexity(pooled, valid.tokens, len(tokenizer)),
+        part,
     )
 
 
@@ -104,7 +106,7 @@ def make_client(
     trainer = LocalTrainer(model, cfg.train, device, total_steps)
     return FederatedClient(
         name, tokens, trainer, federated_parameter_names(model), seed=cfg.seed * 1000 + index,
-        max_payload_bytes=cfg.federation.max_update_bytes,
+        max_payload_bytes=cfg.federation.max_update_bytes, compression=cfg.compression,
     )
 
 

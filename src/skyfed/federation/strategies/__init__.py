@@ -1,23 +1,72 @@
-"""Strategy registry: every strategy is chosen by name, with its parameters, in the YAML."""
+"""Strategy registry: every strategy is chosen by name, with its parameters, in the YAML.
+
+    federation:
+      strategy:
+        name: diloco
+        params: {lr: 0.7, momentum: 0.9}
+
+`skyfed strategies` lists them. Things a strategy needs from the runtime (not from the
+YAML), such as `evaluate_params` for server-side scoring, are passed to
+`build_strategy` as arguments and reach only the strategies whose constructor takes them.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Callable
 
 from skyfed.errors import ConfigError
-from skyfed.federation.strategies.base import AggregateResult, Strategy
+from skyfed.federation.strategies.base import AggregateResult, AsyncStrategy, Params, Strategy
+from skyfed.federation.strategies.dynamic import DynamicWeighted
+from skyfed.federation.strategies.fedasync import FedAsync
 from skyfed.federation.strategies.fedavg import FedAvg
+from skyfed.federation.strategies.fedbuff import FedBuff
+from skyfed.federation.strategies.fedopt import DiLoCo, FedAdagrad, FedAdam, FedAvgM, FedOpt, FedSGD, FedYogi
+from skyfed.federation.strategies.fedprox import FedProx
+from skyfed.federation.strategies.params import PREFIX
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in [FedAvg]}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in [
+        FedAvg, DynamicWeighted, FedOpt, DiLoCo, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedSGD, FedProx, FedAsync, FedBuff
+    ]
+}
+
+# Arguments the runtime may supply; never accepted from the YAML.
+RUNTIME_ARGS = ("evaluate_params",)
 
 
-def build_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
+def yaml_params(cls: type[Strategy]) -> list[str]:
+    """The parameter names a strategy accepts from `federation.strategy.params`."""
+    sig = inspect.signature(cls.__init__)
+    plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [n for n, p in list(sig.parameters.items())[1:] if p.kind in plain and n not in RUNTIME_ARGS]
+
+
+def build_strategy(
+    name: str,
+    params: dict[str, Any] | None = None,
+    evaluate_params: Callable[[Params], float] | None = None,
+) -> Strategy:
+    """The strategy `name` built from its YAML params (validated: a bad one names its key)."""
     if name not in STRATEGIES:
         raise ConfigError(f"federation.strategy.name: unknown strategy {name!r}; available: {', '.join(sorted(STRATEGIES))}")
-    try:
-        return STRATEGIES[name](**(params or {}))
-    except TypeError as exc:
-        raise ConfigError(f"federation.strategy.params for {name!r}: {exc}") from None
+    cls = STRATEGIES[name]
+    params = dict(params or {})
+    accepted = yaml_params(cls)
+    for key in params:
+        if key not in accepted:
+            raise ConfigError(
+                f"{PREFIX}.{key}: unknown parameter for {name!r}; accepted: {', '.join(accepted) or '(none)'}"
+            )
+    if "evaluate_params" in inspect.signature(cls.__init__).parameters:
+        params["evaluate_params"] = evaluate_params
+    return cls(**params)
 
 
-__all__ = ["AggregateResult", "STRATEGIES", "Strategy", "build_strategy"]
+def needs_server_eval(name: str, params: dict[str, Any] | None) -> bool:
+    """Whether this configuration scores client models on the server's validation set."""
+    return name == DynamicWeighted.name and (params or {}).get("score") == "server"
+
+
+__all__ = ["AggregateResult", "AsyncStrategy", "STRATEGIES", "Strategy", "build_strategy", "needs_server_eval", "yaml_params"]

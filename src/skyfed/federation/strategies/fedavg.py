@@ -15,6 +15,9 @@ from skyfed.federation.strategies.base import AggregateResult, Params, Strategy
 
 
 class FedAvg(Strategy):
+    """McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
+    Decentralized Data", AISTATS, arXiv:1602.05629."""
+
     name = "fedavg"
     description = "token-weighted average of client models"
     paper = "McMahan et al. 2017, arXiv:1602.05629"

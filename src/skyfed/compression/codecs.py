@@ -1,0 +1,485 @@
+"""Pluggable codecs for updates and models, composable as a chain.
+
+A codec turns one flat float tensor into a few named *parts* (tensors that go into the
+safetensors blob). A codec may leave one float part, its *carry* (e.g. the kept values
+of top-k), for the next codec of the chain to encode, so ``[topk, int8]`` quantizes the
+kept values. Chains are written in the config as ``[{name: topk, fraction: 0.01},
+{name: int8, block: 256}]`` or in short form ``[int8]``; the payload header records
+each codec's name and parameters, so the decoder rebuilds the same chain.
+
+Encoded sizes (bytes of the parts for a tensor of ``n`` values, ``B`` = block size,
+``k`` = kept values; fp32 input is ``4 n``):
+
+=========  =============================================  ==========================
+codec      parts                                          bytes
+=========  =============================================  ==========================
+fp32       v (float32)                                    4 n            (lossless)
+fp16/bf16  v (float16 / bfloat16)                         2 n
+int8       q (int8), scale (float32 per block)            n + 4 ceil(n / B)
+int4       q (uint8, two values a byte), scale            ceil(n / 2) + 4 ceil(n / B)
+topk       idx (int16), count (int32 per 64 Ki), values   2 k + 4 ceil(n / 65536) + carry
+randk      values (indices regenerated from the seed)     carry
+=========  =============================================  ==========================
+
+where carry = ``4 k`` when the chain ends there (fp32 values), else the next codec's
+bytes for ``k`` values; ``k = max(1, floor(fraction * n + 1/2))``, at most ``n``.
+
+* Block-wise absmax quantization (as in NVIDIA FLARE's 8-/4-bit filters and Dettmers
+  et al. 2022): per block, ``scale = absmax / L`` with ``L = 127`` (int8) or ``7``
+  (int4), ``q = round(x / scale)``; error at most ``scale / 2`` per value (``scale``
+  with stochastic rounding, which is unbiased: ``q = floor(x / scale + u)``).
+* Top-k sparsification: keep the k largest magnitudes. Tensors larger than
+  ``exact_max`` use the sampled threshold of Deep Gradient Compression (Lin et al.
+  2018): estimate the threshold from a random sample, take the candidates above it
+  and run an exact top-k among them (falling back to a full top-k in the rare case
+  the sample overshoots), so the result is still the exact top-k at a fraction of the
+  cost. ``scope: global`` picks the k largest over all tensors together.
+* Random-k (Stich et al. 2018): one coordinate drawn uniformly from each of k equal
+  strata, from a seed both sides know (recorded in the header), so no indices are sent.
+
+Every operation is vectorized torch and runs on the tensors' device (CPU or CUDA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from skyfed.compression.indices import index_bytes, pack_indices, unpack_indices
+from skyfed.errors import WireFormatError
+
+
+class CodecError(WireFormatError):
+    """A codec name or its parameters are invalid."""
+
+
+Parts = dict[str, torch.Tensor]
+_SLAB = 1 << 20  # values per slab in the quantizers' loops over blocks (not elements)
+
+
+def mix_seed(seed: int, salt: int) -> int:
+    """A 63-bit seed from two integers (splitmix64 finalizer)."""
+    z = (seed * 0x9E3779B97F4A7C15 + salt + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1
+
+
+def key_seed(seed: int, key: str) -> int:
+    return mix_seed(seed, zlib.crc32(key.encode()))
+
+
+def keep_count(fraction: float, n: int) -> int:
+    return min(n, max(1, math.floor(fraction * n + 0.5)))
+
+
+def _expect(parts: Parts, name: str, dtype: torch.dtype, shape: tuple[int, ...], where: str) -> torch.Tensor:
+    t = parts.get(name)
+    if t is None:
+        raise WireFormatError(f"{where}: missing encoded part {name!r}")
+    if t.dtype != dtype or tuple(t.shape) != shape:
+        raise WireFormatError(
+            f"{where}: encoded part {name!r} is {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}, "
+            f"expected {str(dtype).removeprefix('torch.')} {shape}"
+        )
+    return t
+
+
+@dataclass(frozen=True)
+class Codec:
+    """Base class: a frozen dataclass whose fields are its YAML/header parameters."""
+
+    name: ClassVar[str] = ""
+    lossless: ClassVar[bool] = False
+    carry: ClassVar[str | None] = None  # float part a following codec may encode
+    part_names: ClassVar[tuple[str, ...]] = ()  # parts it always sends (carry excluded)
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+    def salted(self, salt: int) -> "Codec":
+        """A copy whose random streams are keyed by `salt` (one per message)."""
+        if any(f.name == "seed" for f in dataclasses.fields(self)):
+            return dataclasses.replace(self, seed=mix_seed(self.seed, salt))  # type: ignore[attr-defined]
+        return self
+
+    def carry_numel(self, n: int) -> int:
+        """Number of values in the carry part for an input of `n` values."""
+        return n
+
+    def nbytes(self, n: int) -> int:
+        """Bytes of this codec's own parts (excluding the carry) for `n` values."""
+        raise NotImplementedError
+
+    def prepare(self, flats: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Optional pass over all tensors before per-tensor encoding (global top-k)."""
+        return {}
+
+    def encode(self, x: torch.Tensor, key: str, hint: Any = None) -> Parts:
+        raise NotImplementedError
+
+    def check(self, parts: Parts, n: int, where: str) -> int:
+        """Validate the non-carry parts for `n` values; return the carry's length."""
+        return self.carry_numel(n)
+
+    def decode(self, parts: Parts, n: int, key: str, where: str) -> torch.Tensor:
+        """Parts (carry already decoded to float32) -> flat float32 tensor of `n` values."""
+        raise NotImplementedError
+
+
+def _check_int(value: Any, what: str, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise CodecError(f"{what} must be {bound}, got {value!r}")
+
+
+def _check_fraction(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise CodecError(f"{what} must be a number in (0, 1], got {value!r}")
+
+
+# ---------------------------------------------------------------- casts
+
+
+@dataclass(frozen=True)
+class Fp32(Codec):
+    """Identity (plain float32); lossless."""
+
+    name: ClassVar[str] = "fp32"
+    lossless: ClassVar[bool] = True
+    part_names: ClassVar[tuple[str, ...]] = ("v",)
+    dtype: ClassVar[torch.dtype] = torch.float32
+
+    def nbytes(self, n: int) -> int:
+        return n * torch.empty(0, dtype=self.dtype).element_size()
+
+    def carry_numel(self, n: int) -> int:
+        return 0
+
+    def encode(self, x: torch.Tensor, key: str, hint: Any = None) -> Parts:
+        if self.dtype == torch.float16:
+            x = x.clamp(-65504.0, 65504.0)  # avoid inf; the residual keeps the rest
+        return {"v": x.to(self.dtype)}
+
+    def check(self, parts: Parts, n: int, where: str) -> int:
+        _expect(parts, "v", self.dtype, (n,), where)
+        return 0
+
+    def decode(self, parts: Parts, n: int, key: str, where: str) -> torch.Tensor:
+        return parts["v"].to(torch.float32)
+
+
+@dataclass(frozen=True)
+class Fp16(Fp32):
+    """Cast to IEEE half precision (values clamped to +-65504)."""
+
+    name: ClassVar[str] = "fp16"
+    lossless: ClassVar[bool] = False
+    dtype: ClassVar[torch.dtype] = torch.float16
+
+
+@dataclass(frozen=True)
+class Bf16(Fp32):
+    """Cast to bfloat16 (fp32's range, 8 bits of mantissa)."""
+
+    name: ClassVar[str] = "bf16"
+    lossless: ClassVar[bool] = False
+    dtype: ClassVar[torch.dtype] = torch.bfloat16
+
+
+# ---------------------------------------------------------------- quantization
+
+
+@dataclass(frozen=True)
+class Int8(Codec):
+    """Block-wise absmax quantization to int8: scale = absmax / 127 per block."""
+
+    name: ClassVar[str] = "int8"
+    part_names: ClassVar[tuple[str, ...]] = ("q", "scale")
+    levels: ClassVar[int] = 127
+    block: int = 256
+    stochastic: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int(self.block, f"{self.name}.block", 1, 1 << 24)
+        if not isinstance(self.stochastic, bool):
+            raise CodecError(f"{self.name}.stochastic must be true or false, got {self.stochastic!r}")
+        _check_int(self.seed, f"{self.name}.seed", 0, 2**63 - 1)
+
+    def carry_numel(self, n: int) -> int:
+        return 0
+
+    def qbytes(self, n: int) -> int:
+        return n
+
+    def nbytes(self, n: int) -> int:
+        return self.qbytes(n) + 4 * math.ceil(n / self.block)
+
+    def _quantize(self, x: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks are processed in slabs of about 2^20 values (cache-sized, reused buffer)."""
+        n, B, L = x.numel(), self.block, self.levels
+        x = x.to(torch.float32)
+        nb = math.ceil(n / B)
+        q = torch.empty(n, dtype=torch.int8, device=x.device)
+        scale = torch.empty(nb, dtype=torch.float32, device=x.device)
+        gen = None
+        if self.stochastic:
+            gen = torch.Generator(device=x.device)
+            gen.manual_seed(key_seed(self.seed, key))
+        full = n // B
+        rows_per_slab = max(1, _SLAB // B)
+        buf = torch.empty(min(full, rows_per_slab) * B, dtype=torch.float32, device=x.device)
+        slabs = [(r, min(full, r + rows_per_slab)) for r in range(0, full, rows_per_slab)]
+        if full < nb:
+            slabs.append((full, nb))  # the short tail block
+        for r0, r1 in slabs:
+            lo, hi = r0 * B, min(n, r1 * B)
+            rows = x[lo:hi].view(r1 - r0, -1)
+            amax = torch.maximum(rows.amax(1), rows.amin(1).neg_())
+            torch.div(amax, L, out=scale[r0:r1])
+            inv = torch.where(amax > 0, L / amax, torch.zeros_like(amax))
+            y = buf[: hi - lo].view_as(rows) if r1 <= full else rows.clone()
+            torch.mul(rows, inv[:, None], out=y)
+            if gen is None:
+                y.round_()
+            else:
+                y.add_(torch.rand(y.shape, generator=gen, device=y.device)).floor_().clamp_(-L, L)
+            q[lo:hi].view_as(rows).copy_(y)
+        return q, scale
+
+    def encode(self, x: torch.Tensor, key: str, hint: Any = None) -> Parts:
+        q, scale = self._quantize(x.reshape(-1), key)
+        return {"q": q, "scale": scale}
+
+    def _check_scale(self, parts: Parts, n: int, where: str) -> None:
+        scale = _expect(parts, "scale", torch.float32, (math.ceil(n / self.block),), where)
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise WireFormatError(f"{where}: {self.name} scales must be finite and non-negative")
+
+    def check(self, parts: Parts, n: int, where: str) -> int:
+        q = _expect(parts, "q", torch.int8, (n,), where)
+        self._check_scale(parts, n, where)
+        if n and int(q.min()) < -self.levels:
+            raise WireFormatError(f"{where}: int8 value -128 is outside the codec's range [-127, 127]")
+        return 0
+
+    def _dequantize(self, q: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
+        B = self.block
+        out = torch.empty(n, dtype=torch.float32, device=q.device)
+        step = max(1, _SLAB // B) * B
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            r0, r1 = lo // B, math.ceil(hi / B)
+            o = out[lo:hi].copy_(q[lo:hi])
+            full = (hi - lo) // B * B
+            if full:
+                o[:full].view(-1, B).mul_(scale[r0 : r0 + full // B, None])
+            if full < hi - lo:
+                o[full:].mul_(scale[r1 - 1])
+        return out
+
+    def decode(self, parts: Parts, n: int, key: str, where: str) -> torch.Tensor:
+        return self._dequantize(parts["q"], parts["scale"], n)
+
+
+@dataclass(frozen=True)
+class Int4(Int8):
+    """Block-wise absmax quantization to 4 bits (scale = absmax / 7), two values per byte.
+
+    A value q in [-7, 7] is stored as the nibble q + 8 (1..15); the low nibble of byte i
+    holds value 2i, the high nibble value 2i + 1; an odd tail is padded with nibble 8.
+    """
+
+    name: ClassVar[str] = "int4"
+    levels: ClassVar[int] = 7
+    block: int = 128
+
+    def qbytes(self, n: int) -> int:
+        return math.ceil(n / 2)
+
+    def encode(self, x: torch.Tensor, key: str, hint: Any = None) -> Parts:
+        q, scale = self._quantize(x.reshape(-1), key)
+        u = (q + 8).to(torch.uint8)
+        if u.numel() % 2:
+            u = torch.cat([u, u.new_full((1,), 8)])
+        pairs = u.view(-1, 2)
+        packed = pairs[:, 0] | (pairs[:, 1] << 4)
+        return {"q": packed, "scale": scale}
+
+    def check(self, parts: Parts, n: int, where: str) -> int:
+        packed = _expect(parts, "q", torch.uint8, (math.ceil(n / 2),), where)
+        self._check_scale(parts, n, where)
+        if packed.numel() and (bool(((packed & 15) == 0).any()) or bool(((packed >> 4) == 0).any())):
+            raise WireFormatError(f"{where}: int4 nibble 0 is outside the codec's range (corrupt values)")
+        return 0
+
+    def decode(self, parts: Parts, n: int, key: str, where: str) -> torch.Tensor:
+        packed = parts["q"]
+        u = torch.stack([packed & 15, packed >> 4], dim=1).view(-1)[:n]
+        q = u.to(torch.int8) - 8
+        return self._dequantize(q, parts["scale"], n)
+
+
+# ---------------------------------------------------------------- sparsification
+
+
+def topk_indices(ax: torch.Tensor, k: int, exact_max: int, gen: torch.Generator | None) -> torch.Tensor:
+    """Sorted int64 indices of the k largest entries of the non-negative 1-D `ax`.
+
+    Above `exact_max` values, Deep Gradient Compression's sampled threshold (Lin et al.
+    2018): a threshold slightly below the k-th largest of a random sample selects a
+    candidate set that holds the top k with overwhelming probability; an exact top-k
+    among the candidates finishes (a full top-k if the candidates fall short).
+    """
+    n = ax.numel()
+    if n <= exact_max or k * 4 >= n:
+        idx = torch.topk(ax, k, sorted=False).indices
+    else:
+        s = min(n, max(65536, math.ceil(256 * n / k)))
+        pos = torch.randint(n, (s,), generator=gen, device=ax.device)
+        r = min(s, math.ceil(1.25 * k * s / n) + 8)
+        thr = torch.topk(ax[pos], r, sorted=False).values.min()
+        cand = torch.nonzero(ax >= thr).squeeze(1)
+        if cand.numel() >= k:
+            idx = cand[torch.topk(ax[cand], k, sorted=False).indices]
+        else:
+            idx = torch.topk(ax, k, sorted=False).indices
+    return torch.sort(idx).values
+
+
+@dataclass(frozen=True)
+class TopK(Codec):
+    """Keep the `fraction` largest magnitudes, per tensor or globally."""
+
+    name: ClassVar[str] = "topk"
+    carry: ClassVar[str | None] = "values"
+    part_names: ClassVar[tuple[str, ...]] = ("idx", "count")
+    fraction: float = 0.01
+    scope: str = "tensor"  # tensor | global
+    exact_max: int = 1 << 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_fraction(self.fraction, "topk.fraction")
+        if self.scope not in ("tensor", "global"):
+            raise CodecError(f"topk.scope must be 'tensor' or 'global', got {self.scope!r}")
+        _check_int(self.exact_max, "topk.exact_max", 1)
+        _check_int(self.seed, "topk.seed", 0, 2**63 - 1)
+
+    def carry_numel(self, n: int) -> int:
+        return keep_count(self.fraction, n)
+
+    def nbytes(self, n: int) -> int:
+        return index_bytes(self.carry_numel(n), n)
+
+    def _gen(self, device: torch.device, key: str) -> torch.Generator:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(key_seed(self.seed, key))
+        return gen
+
+    def prepare(self, flats: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if self.scope != "global" or not flats:
+            return {}
+        cat = torch.cat([x.reshape(-1).abs() for x in flats.values()])
+        idx = topk_indices(cat, keep_count(self.fraction, cat.numel()), self.exact_max, self._gen(cat.device, "*"))
+        sizes = torch.tensor([x.numel() for x in flats.values()], device=idx.device)
+        ends = torch.cumsum(sizes, 0)
+        bounds = torch.searchsorted(idx, ends).tolist()
+        out, lo, start = {}, 0, 0
+        for (key, x), hi in zip(flats.items(), bounds):
+            out[key] = idx[lo:hi] - start
+            lo, start = hi, start + x.numel()
+        return out
+
+    def encode(self, x: torch.Tensor, key: str, hint: Any = None) -> Parts:
+        x = x.reshape(-1)
+        n = x.numel()
+        idx = hint if hint is not None else topk_indices(x.abs(), keep_count(self.fraction, n), self.exact_max, self._gen(x.device, key))
+        low, counts = pack_indices(idx, n)
+        return {"idx": low, "count": counts, "values": x[idx].to(torch.float32)}
+
+    def check(self, parts: Parts, n: int, where: str) -> int:
+        low = parts.get("idx")
+        if low is None or low.dim() != 1:
+            raise WireFormatError(f"{where}: missing or malformed encoded part 'idx'")
+        k = low.numel()
+        expected = self.carry_numel(n)
+        if (self.scope == "tensor" and k != expected) or k > n:
+            raise WireFormatError(f"{where}: topk sent {k} indices, expected {expected if self.scope == 'tensor' else f'at most {n}'}")
+        return k
+
+    def decode(self, parts: Parts, n: int, key: str, where: str) -> torch.Tensor:
+        idx = unpack_indices(parts["idx"], parts["count"], n, where)
+        out = torch.zeros(n, dtype=torch.float32, device=idx.device)
+        out[idx] = parts["values"].to(torch.float32)
+        return out
+
+
+def randk_indices(n: int, k: int, seed: int, device: torch.device) -> torch.Tensor:
+    """k sorted indices, one uniform in each stratum [floor(i n / k), floor((i+1) n / k))."""
+    gen = torch.Generator().manual_seed(seed)
+    bounds = torch.arange(k + 1, dtype=torch.int64) * n // k
+    width = bounds[1:] - bounds[:-1]
+    off = (torch.rand(k, generator=gen, dtype=torch.float64) * width).to(torch.int64).clamp_(max=width - 1)
+    return (bounds[:-1] + off).to(device)
+
+
+@dataclass(frozen=True)
+class RandK(Codec):
+    """Keep a seeded random `fraction` of coordinates; the receiver regenerates the indices."""
+
+    name: ClassVar[str] = "randk"
+    carry: ClassVar[str | None] = "values"
+    fraction: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_fraction(self.fraction, "randk.fraction")
+        _check_int(self.seed, "randk.seed", 0, 2**63 - 1)
+
+    def carry_numel(self, n: int) -> int:
+        return keep_count(self.fraction, n)
+
+    def nbytes(self, n: int) -> int:
+        return 0
+
+    def encode(self, x: torch.Tensor, key: str, hint: Any = None) -> Parts:
+        x = x.reshape(-1)
+        idx = randk_indices(x.numel(), self.carry_numel(x.numel()), key_seed(self.seed, key), x.device)
+        return {"values": x[idx].to(torch.float32)}
+
+    def decode(self, parts: Parts, n: int, key: str, where: str) -> torch.Tensor:
+        values = parts["values"]
+        idx = randk_indices(n, self.carry_numel(n), key_seed(self.seed, key), values.device)
+        out = torch.zeros(n, dtype=torch.float32, device=values.device)
+        out[idx] = values.to(torch.float32)
+        return out
+
+
+CODECS: dict[str, type[Codec]] = {c.name: c for c in (Fp32, Fp16, Bf16, Int8, Int4, TopK, RandK)}
+
+
+def build_codec(spec: str | dict[str, Any]) -> Codec:
+    """A codec from ``"int8"`` or ``{"name": "int8", "block": 256}``; CodecError if invalid."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict):
+        raise CodecError(f"a codec is a name or a mapping with a 'name', got {spec!r}")
+    params = dict(spec)
+    name = params.pop("name", None)
+    cls = CODECS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise CodecError(f"unknown codec {name!r}; available: {', '.join(CODECS)}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise CodecError(f"codec {name!r}: unknown parameter(s) {unknown}; it takes {sorted(fields) or 'none'}")
+    if "fraction" in params and isinstance(params["fraction"], int) and not isinstance(params["fraction"], bool):
+        params["fraction"] = float(params["fraction"])
+    return cls(**params)

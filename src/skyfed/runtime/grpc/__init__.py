@@ -1,0 +1,9 @@
+"""Real deployment over gRPC: `skyfed server` on one machine, `skyfed client` on each cloud.
+
+The server runs the same `Engine` and strategies as the simulation through
+`GrpcTransport`; clients run the same `FederatedClient`. Protocol: `skyfed.proto`
+(package `skyfed.v1`); models and updates travel as skyfed wire bytes in chunks.
+"""
+
+PROTOCOL_VERSION = 1
+DEFAULT_CHUNK_BYTES = 4 * 2**20

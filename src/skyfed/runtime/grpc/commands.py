@@ -1,0 +1,84 @@
+"""The deployment commands of the `skyfed` CLI: server, client, certs (thin: parse, call, print)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from skyfed.errors import ConfigError
+
+
+def _verbose() -> None:
+    logging.getLogger("skyfed").setLevel(logging.INFO)
+
+
+def add_commands(app: typer.Typer) -> None:
+    @app.command()
+    def server(
+        config: Optional[Path] = typer.Argument(None, help="experiment YAML"),
+        listen: str = typer.Option("0.0.0.0:7443", "--listen", help="HOST:PORT to serve on"),
+        preset: Optional[str] = typer.Option(None, "--preset", "-p", help="named experiment preset"),
+        set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set federation.rounds=5"),
+        tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="server certificate (PEM)"),
+        tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="server private key (PEM)"),
+        client_ca: Optional[Path] = typer.Option(None, "--client-ca", help="CA that signs client certificates (mutual TLS)"),
+        tokens: Optional[Path] = typer.Option(None, "--tokens", help="per-client secrets: YAML 'name: token' lines"),
+        insecure: bool = typer.Option(False, "--insecure", help="serve PLAINTEXT (no TLS)"),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/NAME-TIME)"),
+        resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last complete round"),
+        join_timeout: float = typer.Option(300.0, "--join-timeout", help="seconds to wait for every client before starting with a quorum (federation.min_clients)"),
+        chunk_mib: float = typer.Option(4.0, "--chunk-mib", help="stream chunk size in MiB"),
+    ) -> None:
+        """Run the aggregation server of a real deployment (gRPC)."""
+        from skyfed.config import load_config
+        from skyfed.runtime.grpc.server import ServerOptions, run_server
+
+        _verbose()
+        cfg = load_config(config, preset, set_)
+        opts = ServerOptions(listen, tls_cert, tls_key, client_ca, tokens, insecure, out, resume, join_timeout, int(chunk_mib * 2**20))
+        run_dir, summary = run_server(cfg, opts)
+        typer.echo(f"done: {summary['rounds']} rounds, val_ppl {summary['final']['val_ppl']:.2f}; run directory {run_dir.path}")
+
+    @app.command()
+    def client(
+        server: str = typer.Option(..., "--server", help="HOST:PORT of the skyfed server"),
+        name: str = typer.Option(..., "--name", help="this client's name in federation.clients"),
+        data: Optional[Path] = typer.Option(None, "--data", help="local training data (file, folder or .jsonl); default: this client's partition of the configured corpus"),
+        ca_cert: Optional[Path] = typer.Option(None, "--ca-cert", help="CA that signed the server certificate (default: system roots)"),
+        tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="client certificate (mutual TLS)"),
+        tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="client private key (mutual TLS)"),
+        token: Optional[str] = typer.Option(None, "--token", help="this client's secret", envvar="SKYFED_TOKEN"),
+        token_file: Optional[Path] = typer.Option(None, "--token-file", help="file with this client's secret (or a tokens file)"),
+        insecure: bool = typer.Option(False, "--insecure", help="connect in PLAINTEXT (no TLS)"),
+        connect_timeout: float = typer.Option(60.0, "--connect-timeout", help="give up if the server cannot be reached at first for this long"),
+        give_up: float = typer.Option(600.0, "--give-up", help="give up after the server has been unreachable this long"),
+        max_backoff: float = typer.Option(30.0, "--max-backoff", help="cap of the exponential reconnect backoff (seconds)"),
+    ) -> None:
+        """Join a skyfed server as one cloud and train on local data until the server says it is over."""
+        from skyfed.runtime.grpc.auth import read_client_token
+        from skyfed.runtime.grpc.client import ClientOptions, run_client
+
+        _verbose()
+        if token is not None and token_file is not None:
+            raise ConfigError("pass --token or --token-file, not both")
+        secret = read_client_token(token_file, name) if token_file is not None else (token or "")
+        opts = ClientOptions(server, name, secret, data, ca_cert, tls_cert, tls_key, insecure,
+                             connect_timeout_s=connect_timeout, give_up_s=give_up, max_backoff_s=max_backoff)
+        out = run_client(opts)
+        typer.echo(f"done: client {name} trained rounds {out['rounds_trained']}")
+
+    @app.command()
+    def certs(
+        out: Path = typer.Argument(..., help="folder for the CA, certificates, keys and tokens.yaml"),
+        clients: str = typer.Option("aws,gcp,azure", "--clients", help="comma-separated client names"),
+        hosts: str = typer.Option("localhost,127.0.0.1", "--hosts", help="server DNS names / IPs for the certificate"),
+    ) -> None:
+        """Create a development CA, a server certificate, client certificates and a tokens file."""
+        from skyfed.runtime.grpc.certs import make_dev_certs
+
+        paths = make_dev_certs(out, [c.strip() for c in clients.split(",") if c.strip()], [h.strip() for h in hosts.split(",") if h.strip()])
+        for name, path in paths.items():
+            typer.echo(f"{name:>20}  {path}")

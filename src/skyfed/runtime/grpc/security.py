@@ -1,0 +1,85 @@
+"""TLS credentials and channel options for the server and the clients.
+
+TLS is the default; plaintext needs an explicit `--insecure` and logs a warning.
+Mutual TLS: the server passes `--client-ca` (clients must present a certificate it
+signed) and each client passes `--tls-cert/--tls-key`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grpc
+
+from skyfed.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MESSAGE_MARGIN = 64 * 2**20  # room for the registration reply (config + tokenizer files)
+
+
+def channel_options(chunk_bytes: int) -> list[tuple[str, int]]:
+    """Message limits sized to one chunk plus margin (streams carry any total size) and keepalive."""
+    limit = max(MESSAGE_MARGIN, 2 * chunk_bytes + 2**20)
+    return [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options(chunk_bytes: int) -> list[tuple[str, int]]:
+    return channel_options(chunk_bytes) + [
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _read(path: Path | str | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} not found: {p}")
+    return p.read_bytes()
+
+
+def server_credentials(
+    cert: Path | None, key: Path | None, client_ca: Path | None, insecure: bool
+) -> grpc.ServerCredentials | None:
+    """TLS (mutual when `client_ca` is given), or None for plaintext with `insecure`."""
+    if insecure:
+        if cert or key or client_ca:
+            raise ConfigError("--insecure cannot be combined with --tls-cert/--tls-key/--client-ca")
+        log.warning("--insecure: the server accepts PLAINTEXT connections; updates and tokens travel unencrypted")
+        return None
+    if cert is None or key is None:
+        raise ConfigError(
+            "TLS is the default: pass --tls-cert and --tls-key (create dev ones with `skyfed certs DIR`), "
+            "or --insecure for plaintext"
+        )
+    pair = (_read(key, "--tls-key"), _read(cert, "--tls-cert"))
+    ca = _read(client_ca, "--client-ca")
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def channel_credentials(
+    ca_cert: Path | None, cert: Path | None, key: Path | None, insecure: bool
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials (the system roots unless `ca_cert`), or None for plaintext with `insecure`."""
+    if insecure:
+        if ca_cert or cert or key:
+            raise ConfigError("--insecure cannot be combined with --ca-cert/--tls-cert/--tls-key")
+        log.warning("--insecure: connecting in PLAINTEXT; the token and updates travel unencrypted")
+        return None
+    if (cert is None) != (key is None):
+        raise ConfigError("mutual TLS needs both --tls-cert and --tls-key")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca_cert, "--ca-cert"),
+        private_key=_read(key, "--tls-key"),
+        certificate_chain=_read(cert, "--tls-cert"),
+    )

@@ -1,0 +1,199 @@
+"""`GrpcTransport`: the engine's side of a gRPC deployment.
+
+The engine calls `send` (queue a task for a client) and `receive(timeout)` (the next
+update, real seconds) exactly as it does in simulation; the gRPC servicer threads call
+`next_task` and `submit` when clients pull tasks and push updates. Everything is
+guarded by one condition variable.
+
+Synchronous-mode rules (enforced in `submit`):
+
+- a client has at most one open task, the latest one sent; a new round's task
+  replaces an unfinished older one, so a restarted client never trains a stale round;
+- an update is accepted only for the client's open round; one for a past (or
+  future) round is refused with `RoundClosedError`;
+- the same (client, round) is accepted once; a repeat is a harmless duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from skyfed.errors import SkyfedError
+from skyfed.federation.messages import ClientResult, TrainTask
+from skyfed.federation.transport import Transport
+
+log = logging.getLogger(__name__)
+
+
+class RoundClosedError(SkyfedError):
+    """An update for a round that is not open for this client."""
+
+
+@dataclass
+class ClientRecord:
+    """What the server knows about one configured client."""
+
+    name: str
+    index: int
+    num_tokens: int = 0
+    session: str | None = None
+    registrations: int = 0
+    last_seen: float = 0.0
+    told_done: bool = False
+    rounds_submitted: list[int] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return self.session is not None and self.num_tokens > 0
+
+
+class GrpcTransport(Transport):
+    def __init__(self, names: list[str]):
+        self._names = list(names)
+        self._cond = threading.Condition()
+        self.clients = {n: ClientRecord(n, i) for i, n in enumerate(names)}
+        self._open: dict[str, TrainTask] = {}
+        self._results: deque[ClientResult] = deque()
+        self._accepted: set[tuple[str, int]] = set()
+        self._done = False
+
+    # ------------------------------------------------------------ engine side
+
+    def client_names(self) -> list[str]:
+        return list(self._names)
+
+    def send(self, client: str, task: TrainTask) -> None:
+        with self._cond:
+            old = self._open.get(client)
+            if old is not None:
+                log.warning("client %s never finished round %d; its task is replaced by round %d", client, old.round, task.round)
+            self._open[client] = task
+            self._cond.notify_all()
+
+    def receive(self, timeout: float | None = None) -> ClientResult | None:
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._results:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._cond.wait(left)
+            return self._results.popleft()
+
+    def close(self) -> None:
+        with self._cond:
+            self._done = True
+            self._open.clear()
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------ servicer side
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def next_task(self, client: str, wait_s: float) -> TrainTask | None | bool:
+        """The client's open task; None if none arrives within `wait_s`; False when training is over."""
+        end = time.monotonic() + max(0.0, wait_s)
+        with self._cond:
+            while True:
+                if self._done:
+                    self.clients[client].told_done = True
+                    self._cond.notify_all()
+                    return False
+                task = self._open.get(client)
+                if task is not None:
+                    return task
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def check_open(self, client: str, round: int) -> bool:
+        """True if (client, round) was already accepted (a duplicate); raise if the round is not open."""
+        with self._cond:
+            if (client, round) in self._accepted:
+                return True
+            task = self._open.get(client)
+            if task is None or task.round != round:
+                current = "none" if task is None else str(task.round)
+                raise RoundClosedError(
+                    f"round {round} is not open for client {client!r} (its open round: {current}); update refused"
+                )
+            return False
+
+    def submit(self, result: ClientResult) -> bool:
+        """Queue a result for the engine; False if it is a duplicate (already accepted)."""
+        with self._cond:
+            key = (result.client, result.round)
+            if key in self._accepted:
+                return False
+            task = self._open.get(result.client)
+            if task is None or task.round != result.round:
+                raise RoundClosedError(f"round {result.round} is not open for client {result.client!r}; update refused")
+            self._accepted.add(key)
+            del self._open[result.client]
+            self.clients[result.client].rounds_submitted.append(result.round)
+            self._results.append(result)
+            self._cond.notify_all()
+            return True
+
+    # ------------------------------------------------------------ registry
+
+    def register(self, name: str, session: str, num_tokens: int) -> ClientRecord:
+        with self._cond:
+            rec = self.clients[name]
+            rec.session = session
+            rec.registrations += 1
+            rec.told_done = False
+            if num_tokens > 0:
+                rec.num_tokens = num_tokens
+            rec.last_seen = time.monotonic()
+            self._cond.notify_all()
+            return rec
+
+    def session_of(self, name: str) -> str | None:
+        with self._cond:
+            rec = self.clients.get(name)
+            return None if rec is None else rec.session
+
+    def wait_for_clients(self, min_clients: int, join_timeout_s: float, poll_s: float = 5.0) -> list[str]:
+        """Block until every client is ready, or, after `join_timeout_s`, at least `min_clients`."""
+        start = time.monotonic()
+        with self._cond:
+            while True:
+                ready = [n for n in self._names if self.clients[n].ready]
+                if len(ready) == len(self._names):
+                    return ready
+                waited = time.monotonic() - start
+                if waited >= join_timeout_s and len(ready) >= min_clients:
+                    missing = [n for n in self._names if n not in ready]
+                    log.warning("join timeout: starting with %s; still missing %s", ready, missing)
+                    return ready
+                self._cond.wait(poll_s if waited >= join_timeout_s else min(poll_s, join_timeout_s - waited))
+
+    def wait_told_done(self, timeout_s: float) -> list[str]:
+        """After `close`: wait until every registered client has heard that training is over."""
+        end = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                pending = [n for n, r in self.clients.items() if r.session is not None and not r.told_done]
+                left = end - time.monotonic()
+                if not pending or left <= 0:
+                    return pending
+                self._cond.wait(left)
+
+    def registry_state(self) -> dict[str, dict]:
+        with self._cond:
+            return {n: {"num_tokens": r.num_tokens, "rounds_submitted": list(r.rounds_submitted)} for n, r in self.clients.items()}
+
+    def load_registry_state(self, state: dict[str, dict]) -> None:
+        with self._cond:
+            for name, rec in state.items():
+                if name in self.clients:
+                    self.clients[name].num_tokens = int(rec.get("num_tokens", 0))
+                    self.clients[name].rounds_submitted = list(rec.get("rounds_submitted", []))
