@@ -172,7 +172,7 @@ COLUMNS = [  # key, header, format (of the mean and of the std)
     ("val_ppl", "val perplexity", lambda v: f"{v:.2f}"),
     ("total_gb", "total GB", lambda v: f"{v:.4g}"),
     ("sim_time_s", "sim time (s)", lambda v: f"{v:.1f}"),
-    ("egress_usd", "egress (USD)", lambda v: f"{v:.4f}"),
+    ("egress_usd", "egress (USD)", lambda v: f"{v:.4g}"),
     ("wall_time_s", "wall time (s)", lambda v: f"{v:.1f}"),
 ]
 
