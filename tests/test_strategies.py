@@ -315,3 +315,14 @@ def test_fedavgm_default_lr_is_one_minus_momentum():
     assert s.lr == pytest.approx(0.2) and s.momentum == 0.8
     with pytest.raises(ConfigError, match=r"params\.momentum: must be < 1"):
         build_strategy("fedavgm", {"momentum": 1.0})
+
+
+def test_dynamic_client_without_holdout_gets_a_neutral_score_not_its_train_loss():
+    ups = [upd("tiny", [1.0, 0, 0], train_loss=0.5, holdout=None),  # memorised a tiny shard
+           upd("b", [0, 1.0, 0], holdout=5.0), upd("c", [0, 0, 1.0], holdout=7.0)]
+    out = build_strategy("dynamic", {"temperature": 1.0, "floor": 0.0}).aggregate(G, ups, 0)
+    assert out.metrics["scores"] == {"tiny": 6.0, "b": 5.0, "c": 7.0}
+    assert out.metrics["weights"]["b"] > out.metrics["weights"]["tiny"] > out.metrics["weights"]["c"]
+    # nobody has a holdout: training losses for all
+    ups = [upd("a", [1.0, 0, 0], train_loss=2.0), upd("b", [0, 1.0, 0], train_loss=3.0)]
+    assert build_strategy("dynamic", {"floor": 0.0}).aggregate(G, ups, 0).metrics["scores"] == {"a": 2.0, "b": 3.0}

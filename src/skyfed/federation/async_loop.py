@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from skyfed.compression.payload import encode_payload
+from skyfed.compression.channel import fp32_bytes
 from skyfed.errors import SkyfedError
 from skyfed.federation.messages import TrainTask
 from skyfed.federation.strategies.base import AggregateResult, AsyncStrategy, Params
@@ -65,6 +65,9 @@ class _Window:
     compute_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     publications: list[dict[str, Any]] = field(default_factory=list)
     aggregate_s: float = 0.0
+    meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # ClientResult.meta (e.g. simulated timing)
+    unreachable: list[str] = field(default_factory=list)
+    dispatched: int = 0
 
 
 class AsyncLoop:
@@ -81,29 +84,38 @@ class AsyncLoop:
         self.sent = self.received
         self.in_flight: dict[str, _InFlight] = {}
         self.bases: dict[int, Params] = {}  # versions that in-flight tasks started from
-        self._payload: tuple[int, bytes] | None = None
+        self.idle: list[str] = []  # clients that were unreachable when due a task
         self.window = _Window()
-        self.clock0 = self.transport.now()
 
     # ------------------------------------------------------------ sending
 
-    def _model_payload(self) -> bytes:
+    def dispatch(self, client: str) -> bool:
+        """Send `client` a task from the current model; False if it is unreachable now."""
         e = self.engine
-        if self._payload is None or self._payload[0] != e.version:
-            self._payload = (e.version, encode_payload(e.params, kind="model", round=self.sent, version=e.version))
-        return self._payload[1]
-
-    def dispatch(self, client: str) -> None:
-        e = self.engine
-        payload = self._model_payload()
         round_like = self.sent // len(self.clients)
+        if not self.transport.reachable(client, round_like):
+            self.idle.append(client)
+            self.window.unreachable.append(client)
+            return False
+        # The model may have changed since the last encoding: no cached payload (the
+        # downlink keeps each client's state, so a delta chain still sends only changes).
+        e.downlink.settle([], [])
+        payload = e.downlink.payload_for(client, e.params, self.sent, e.version)
         task = TrainTask(self.sent, e.version, payload, e.cfg.train.local_steps, self.strategy.client_options(round_like))
         self.in_flight[client] = _InFlight(self.sent, e.version)
         if self.strategy.needs_base_params:
             self.bases[e.version] = e.params  # params are replaced on publish, never mutated
         self.window.bytes_down[client] += len(payload)
+        self.window.dispatched += 1
         self.sent += 1
         self.transport.send(client, task)
+        return True
+
+    def retry_idle(self) -> None:
+        idle, self.idle = self.idle, []
+        for client in idle:
+            if self.sent < self.budget and client not in self.in_flight:
+                self.dispatch(client)
 
     def _prune_bases(self) -> None:
         live = {f.version for f in self.in_flight.values()}
@@ -131,12 +143,14 @@ class AsyncLoop:
         w = self.window
         w.arrivals.append(result.client)
         w.compute_s[result.client] += result.compute_s
+        w.meta[result.client] = dict(result.meta)
         staleness = e.version - flight.version
         try:
             if result.base_version != flight.version:
                 raise SkyfedError(f"update claims base version {result.base_version}, its task carried {flight.version}")
             update = e._decode(result, result.round)
         except SkyfedError as exc:
+            e.downlink.settle([result.client], [])  # its model state is uncertain: whole model next time
             w.rejected[result.client] = str(exc)
             log.error("task %d: rejected the update from %s: %s", result.round, result.client, exc)
             return True
@@ -170,6 +184,7 @@ class AsyncLoop:
         e.totals["bytes_up"] += sum(up.values())
         e.totals["bytes_down"] += sum(down.values())
         e.next_round = r + 1
+        full = fp32_bytes(e.spec)
         st = np.asarray(w.staleness, dtype=np.float64)
         weights: dict[str, float] = defaultdict(float)
         for p in w.publications:
@@ -181,6 +196,7 @@ class AsyncLoop:
             "clients": list(dict.fromkeys(w.arrivals)),
             "aggregated": bool(w.publications),
             "missing": [],
+            "unreachable": w.unreachable,
             "rejected": w.rejected,
             "train_loss": {c: float(np.mean(v)) for c, v in w.train_loss.items()},
             "val_loss": ev.loss,
@@ -190,6 +206,8 @@ class AsyncLoop:
             "bytes_down": sum(down.values()),
             "bytes_up_by_client": up,
             "bytes_down_by_client": down,
+            "fp32_bytes_up": len(w.staleness) * full,  # the same tensors as plain fp32
+            "fp32_bytes_down": w.dispatched * full,
             "cum_bytes_up": e.totals["bytes_up"],
             "cum_bytes_down": e.totals["bytes_down"],
             "compute_s": dict(w.compute_s),
@@ -209,8 +227,13 @@ class AsyncLoop:
             "publications": len(w.publications),
             "weights": dict(weights),
             "strategy_metrics": w.publications,
-            "sim_time_s": self.transport.now() - self.clock0,
+            "sim_time_s": self.transport.now(),  # the transport's clock (simulated in simulation)
         }
+        from skyfed.federation.engine import RoundOutcome
+
+        outcome = RoundOutcome(rejected=w.rejected, compute_s=dict(w.compute_s), meta=w.meta)
+        for obs in e.observers:  # e.g. simulated time and egress cost of the clouds
+            record.update(obs.round_end(r, record, outcome))
         e.run_dir.append_metrics(record)
         e.save()
         e.on_event("round_end", record)
@@ -224,12 +247,17 @@ class AsyncLoop:
         n = len(self.clients)
         if self.received >= self.budget:
             return
-        e.on_event("round_start", {"round": self.received // n, "clients": self.clients})
+        self._window_start(self.received // n)
         for client in self.clients:
             if self.sent < self.budget:
                 self.dispatch(client)
         timeout = e.cfg.federation.round_timeout_s
         while self.received < self.budget:
+            if not self.in_flight:
+                self.retry_idle()
+                if not self.in_flight:
+                    log.error("no client is reachable (%d of %d updates received); stopping", self.received, self.budget)
+                    break
             result = self.transport.receive(timeout)
             if result is None:
                 log.error("no update arrived within %s s (%d of %d received); stopping", timeout, self.received, self.budget)
@@ -244,11 +272,17 @@ class AsyncLoop:
             if self.received % n == 0:
                 self.log_line()
                 if self.received < self.budget:
-                    e.on_event("round_start", {"round": self.received // n, "clients": self.clients})
+                    self._window_start(self.received // n)
+                    self.retry_idle()
         if self.received < self.budget:  # stopped early: keep what arrived
             self._flush()
             if self.window.arrivals:
                 self.log_line()
+
+    def _window_start(self, r: int) -> None:
+        self.engine.on_event("round_start", {"round": r, "clients": self.clients})
+        for obs in self.engine.observers:
+            obs.round_start(r)
 
     def _flush(self) -> None:
         out = self.strategy.flush(self.engine.params)

@@ -8,6 +8,7 @@ residuals) carries across rounds.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 import numpy as np
@@ -106,6 +107,10 @@ class FederatedClient:
     def _gradient_result(self, task: TrainTask, params, tokens: np.ndarray, rng: np.random.Generator) -> ClientResult:
         from skyfed.federation.fedsgd import local_gradient
 
+        started = time.perf_counter()
         grads, loss, used = local_gradient(self.trainer, tokens, task.steps, rng, self.param_names)
-        payload = encode_payload(grads, kind="update", round=task.round, client=self.name, base_version=task.version)
-        return ClientResult(self.name, task.round, task.version, payload, num_tokens=used, train_loss=loss)
+        payload = self.uplink.encode(
+            grads, mix_seed(self.seed, task.round), kind="update", round=task.round, client=self.name, base_version=task.version
+        )
+        return ClientResult(self.name, task.round, task.version, payload, num_tokens=used, train_loss=loss,
+                            compute_s=time.perf_counter() - started)

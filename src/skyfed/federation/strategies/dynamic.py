@@ -89,17 +89,25 @@ class DynamicWeighted(Strategy):
 
     def losses(self, global_params: Params, updates: list[Update]) -> list[float]:
         """The loss that scores each client model (inf when it is missing or not finite)."""
-        out = []
-        for u in updates:
-            if self.score == "server":
-                loss = float(self.evaluate_params(apply_delta(global_params, u.delta)))
-            elif u.holdout_loss is not None:
-                loss = float(u.holdout_loss)
-            else:
-                log.warning("dynamic: %s sent no holdout loss; scoring it by its training loss", u.client)
-                loss = float(u.train_loss)
-            out.append(loss if math.isfinite(loss) else math.inf)
-        return out
+        if self.score == "server":
+            raw = [float(self.evaluate_params(apply_delta(global_params, u.delta))) for u in updates]
+        else:
+            # A client whose shard is too small for a holdout slice sends none. Its training
+            # loss is no substitute (it is measured on data the model was fitted to, so a tiny
+            # shard that is memorised would win every round): it gets the mean of the others'
+            # held-out losses, a neutral score. If nobody sent one, all use training loss.
+            held = [float(u.holdout_loss) for u in updates if u.holdout_loss is not None and math.isfinite(u.holdout_loss)]
+            neutral = sum(held) / len(held) if held else None
+            raw = []
+            for u in updates:
+                if u.holdout_loss is not None:
+                    raw.append(float(u.holdout_loss))
+                elif neutral is not None:
+                    log.warning("dynamic: %s sent no holdout loss; it gets the others' mean %.4f", u.client, neutral)
+                    raw.append(neutral)
+                else:
+                    raw.append(float(u.train_loss))
+        return [loss if math.isfinite(loss) else math.inf for loss in raw]
 
     def weights(self, losses: list[float], tokens: list[int]) -> list[float]:
         """Final normalized weights from losses and token counts (pure; tested directly)."""
