@@ -26,3 +26,12 @@ proto:
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Flower is a benchmark-only dependency, in its own venv (never in .venv): skyfed vs Flower FedAvg.
+.venv-flower/bin/python:
+	$(PY) -m venv .venv-flower
+	.venv-flower/bin/pip install -q $(TORCH_PIN) "flwr[simulation]==1.42.0" transformers tokenizers safetensors numpy pydantic pyyaml
+
+.PHONY: bench-flower
+bench-flower: setup .venv-flower/bin/python
+	PYTHONPATH=src $(BIN)/python bench/vs_flower.py --flower-python .venv-flower/bin/python $(ARGS)

@@ -139,6 +139,44 @@ def generate(
     console.print(sample_text(model_dir, prompt, max_new_tokens, temperature, seed), highlight=False)
 
 
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="run directories (each with summary.json, metrics.jsonl, config.yaml)"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for report.md and the PNG plots"),
+    labels: Optional[str] = typer.Option(None, "--labels", help="comma-separated label per run (default: config name); equal labels = seeds"),
+    title: str = typer.Option("skyfed report", "--title"),
+) -> None:
+    """Compare runs: a Markdown table (mean ± std over seeds) and PNG plots."""
+    from skyfed.report import write_report
+
+    names = [s.strip() for s in labels.split(",")] if labels else None
+    console.print(f"report: {write_report(run_dirs, out, names, title)}")
+
+
+@app.command()
+def suite(
+    name: str = typer.Argument(..., help="a suite in configs/suites/ (e.g. paper) or a manifest YAML path"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default runs/suite-NAME[-quick])"),
+    quick: bool = typer.Option(False, "--quick", help="smoke-sized runs, one seed (CI)"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="override every experiment's number of seeds"),
+    only: list[str] = typer.Option([], "--only", help="run only these experiments"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the runs and their local steps; run nothing"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Run an experiment suite (runs already finished are skipped), then report each experiment."""
+    from skyfed.suite import load_suite, run_suite
+    from skyfed.ui_suite import SuiteProgress, print_plan
+
+    spec = load_suite(name)
+    if dry_run:
+        print_plan(console, spec, out, quick, seeds, only or None)
+        return
+    with SuiteProgress(console, enabled=not quiet) as view:
+        reports = run_suite(spec, out, quick=quick, seeds=seeds, only=only or None, on_event=view.handle)
+    for exp, path in reports.items():
+        console.print(f"{exp}: {path}")
+
+
 from skyfed.runtime.grpc.commands import add_commands as _add_deployment_commands  # noqa: E402
 
 _add_deployment_commands(app)  # skyfed server / client / certs
