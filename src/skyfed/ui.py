@@ -11,7 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 
-class ProgressView:
+class ConsoleProgress:
+    """A rich progress display: a context manager that can be switched off (--quiet)."""
+
     def __init__(self, console: Console, enabled: bool = True):
         self.console = console
         self.enabled = enabled
@@ -19,15 +21,22 @@ class ProgressView:
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled,
         )
-        self.rounds = None
-        self.steps = None
 
-    def __enter__(self) -> "ProgressView":
+    def __enter__(self):
         self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
+
+
+class ProgressView(ConsoleProgress):
+    """Rounds and local steps of one run."""
+
+    def __init__(self, console: Console, enabled: bool = True):
+        super().__init__(console, enabled)
+        self.rounds = None
+        self.steps = None
 
     def handle(self, kind: str, data: dict[str, Any]) -> None:
         if not self.enabled:

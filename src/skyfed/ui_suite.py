@@ -6,25 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from skyfed.ui import ConsoleProgress
 
 
-class SuiteProgress:
+class SuiteProgress(ConsoleProgress):
     def __init__(self, console: Console, enabled: bool = True):
-        self.enabled = enabled
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, disable=not enabled,
-        )
+        super().__init__(console, enabled)
         self.suite_task = None
         self.round_task = None
-
-    def __enter__(self) -> "SuiteProgress":
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
 
     def handle(self, kind: str, data: dict[str, Any]) -> None:
         if not self.enabled:
