@@ -62,7 +62,9 @@ def test_server_sigkill_then_resume(procs, tmp_path):
     """SIGKILL the server mid-run; `--resume` finishes with every round exactly once."""
     port = free_port()
     run = tmp_path / "run"
-    cfg = [*SMOKE, "--set", "federation.rounds=4", "--set", "federation.clients=[{name: aws}, {name: gcp}]"]
+    # rounds long enough (about a second) that the kill lands mid-run on an idle machine too
+    cfg = [*SMOKE, "--set", "federation.rounds=4", "--set", "federation.clients=[{name: aws}, {name: gcp}]",
+           "--set", "train.local_steps=300"]
     procs.start("server", server_args(cfg, port, None, run))
     for name in ["aws", "gcp"]:
         procs.start(name, client_args(name, port, None))
@@ -84,8 +86,9 @@ def test_client_killed_mid_round_quorum_then_rejoins(procs, tmp_path):
     """A client dies mid-round: the round completes with the others at its deadline; the restarted client rejoins."""
     port = free_port()
     run = tmp_path / "run"
+    # rounds long enough (about a second) that the kill lands mid-round on an idle machine too
     cfg = [*SMOKE, "--set", "federation.rounds=5", "--set", "federation.min_clients=2",
-           "--set", "federation.round_timeout_s=20"]
+           "--set", "federation.round_timeout_s=20", "--set", "train.local_steps=300"]
     procs.start("server", server_args(cfg, port, None, run))
     for name in CLIENTS:
         procs.start(name, client_args(name, port, None))
