@@ -23,3 +23,15 @@ def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subpro
     return subprocess.run(
         [sys.executable, "-m", "skyfed", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
     )
+
+
+@pytest.fixture
+def procs(tmp_path, monkeypatch):
+    """Real skyfed server/client processes for a test, killed at its end (tests/grpc_harness.py)."""
+    from grpc_harness import Procs
+
+    if "SKYFED_CACHE" not in os.environ:
+        monkeypatch.setenv("SKYFED_CACHE", str(tmp_path / "cache"))
+    p = Procs(tmp_path)
+    yield p
+    p.close()

@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from safetensors.torch import load_file
 
-from grpc_harness import SMOKE, Procs, client_args, dev_certs, free_port, metrics, server_args
+from grpc_harness import SMOKE, client_args, dev_certs, free_port, metrics, server_args
 
 from skyfed.config import load_config
 from skyfed.runtime.simulation import run_simulation
 
 CLIENTS = ["aws", "gcp", "azure"]
-
-
-@pytest.fixture
-def procs(tmp_path, monkeypatch):
-    if "SKYFED_CACHE" not in os.environ:
-        monkeypatch.setenv("SKYFED_CACHE", str(tmp_path / "cache"))
-    p = Procs(tmp_path)
-    yield p
-    p.close()
 
 
 def test_tls_deployment_matches_simulation(procs, tmp_path):

@@ -3,13 +3,12 @@ past-round updates, a stolen session, another protocol version."""
 
 from __future__ import annotations
 
-import os
 
 import grpc
 import pytest
 import torch
 
-from grpc_harness import SMOKE, Procs, client_args, dev_certs, free_port, metrics, server_args
+from grpc_harness import SMOKE, client_args, dev_certs, free_port, metrics, server_args
 
 from skyfed.compression.payload import encode_payload
 from skyfed.compression.wire import unpack
@@ -19,15 +18,6 @@ from skyfed.runtime.grpc.auth import load_tokens
 from skyfed.runtime.grpc.client import ClientOptions, FederationSession
 
 CLIENTS = ["aws", "gcp", "azure", "eve"]
-
-
-@pytest.fixture
-def procs(tmp_path, monkeypatch):
-    if "SKYFED_CACHE" not in os.environ:
-        monkeypatch.setenv("SKYFED_CACHE", str(tmp_path / "cache"))
-    p = Procs(tmp_path)
-    yield p
-    p.close()
 
 
 def _corrupt(payload: bytes) -> bytes:

@@ -279,16 +279,23 @@ def plot_metric(groups: list[Group], axis: str, metric: str, out: Path, title: s
         from matplotlib.ticker import MaxNLocator
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    path = out / f"{metric}_vs_{axis}.png"
+    _finish(fig, ax, xlabel, ylabel, title, path)
+    return path, note
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    """Labels, grid and legend, then save the figure small and close it."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = out / f"{metric}_vs_{axis}.png"
     fig.savefig(path, dpi=PLOT_DPI)
     plt.close(fig)
-    return path, note
 
 
 def plot_sweep(
@@ -306,14 +313,7 @@ def plot_sweep(
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=label)
     if logx:
         ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=PLOT_DPI)
-    plt.close(fig)
+    _finish(fig, ax, xlabel, ylabel, title, path)
     return path
 
 
