@@ -32,6 +32,8 @@ from typing import Any
 import torch
 
 TOPK = lambda f: {"name": "topk", "fraction": f}  # noqa: E731
+RANDK = lambda f: {"name": "randk", "fraction": f}  # noqa: E731
+LOWRANK = lambda r: {"name": "lowrank", "rank": r}  # noqa: E731
 
 RUNS: dict[str, dict[str, Any]] = {
     "fp32": {},
@@ -45,6 +47,11 @@ RUNS: dict[str, dict[str, Any]] = {
     # uplink-only sparsification (downlink int8), to separate the two directions' effects
     "up_topk10_down_int8": {"uplink": [TOPK(0.1)], "downlink": ["int8"]},
     "up_topk1_int8_down_int8": {"uplink": [TOPK(0.01), "int8"], "downlink": ["int8"]},
+    "sign": {"uplink": ["sign"], "downlink": ["sign"]},
+    "randk50_sign": {"uplink": [RANDK(0.5), "sign"], "downlink": [RANDK(0.5), "sign"]},
+    "lowrank4_int8": {"uplink": [LOWRANK(4), "int8"], "downlink": [LOWRANK(4), "int8"]},
+    "lowrank6_int8": {"uplink": [LOWRANK(6), "int8"], "downlink": [LOWRANK(6), "int8"]},
+    "lowrank8_int8": {"uplink": [LOWRANK(8), "int8"], "downlink": [LOWRANK(8), "int8"]},
 }
 DEFAULT_RUNS = ["fp32", "int8", "int4", "topk10", "topk10_noef", "topk1", "topk1_noef", "topk1_int8"]
 
@@ -59,6 +66,8 @@ CODECS: dict[str, list[Any]] = {
     "topk1": [TOPK(0.01)],
     "topk1_int8": [TOPK(0.01), "int8"],
     "randk1": [{"name": "randk", "fraction": 0.01}],
+    "sign": ["sign"],
+    "randk50_sign": [RANDK(0.5), "sign"],
 }
 
 

@@ -160,6 +160,78 @@ def test_randk_strata_are_distinct_and_in_range():
     assert idx.numel() == 100 and bool((idx[1:] > idx[:-1]).all()) and 0 <= int(idx[0]) and int(idx[-1]) < 1003
 
 
+@pytest.mark.parametrize("block", [256, 64, 7])
+def test_sign_sends_one_bit_per_value_and_the_block_mean_magnitude(block):
+    t = _tensors()
+    chain, parts, out = roundtrip([{"name": "sign", "block": block}], t)
+    for key, x in t.items():
+        flat, n = x.reshape(-1), x.numel()
+        want_scale = torch.stack([flat[i : i + block].abs().mean() for i in range(0, n, block)])
+        assert torch.allclose(parts[f"{key}::0.scale"], want_scale, rtol=1e-6, atol=0)
+        sign = torch.where(flat >= 0, 1.0, -1.0)
+        assert torch.equal(out[key].reshape(-1), sign * want_scale.repeat_interleave(block)[:n])
+        assert part_bytes({p: v for p, v in parts.items() if p.startswith(f"{key}::")}) == chain.nbytes(n)
+        assert chain.nbytes(n) == math.ceil(n / 8) + 4 * math.ceil(n / block)
+    assert not out["z"].any()  # an all-zero block decodes to zeros
+
+
+def test_sign_keeps_the_l1_norm_of_each_block():
+    x = {"w": torch.randn(4096, generator=torch.Generator().manual_seed(3))}
+    _, _, out = roundtrip([{"name": "sign", "block": 512}], x)
+    assert torch.allclose(out["w"].view(8, 512).abs().sum(1), x["w"].view(8, 512).abs().sum(1), rtol=1e-5)
+
+
+def test_randk_then_sign_sends_half_the_signs_and_no_indices():
+    t = _tensors()
+    chain, parts, out = roundtrip([{"name": "randk", "fraction": 0.5, "seed": 1}, {"name": "sign", "block": 64}], t)
+    assert set(p.split("::")[1] for p in parts) == {"1.bits", "1.scale"}
+    n = t["w"].numel()
+    k = keep_count(0.5, n)
+    assert int(torch.count_nonzero(out["w"])) == k
+    assert chain.nbytes(n) == math.ceil(k / 8) + 4 * math.ceil(k / 64)
+
+
+def _low_rank_matrix(rows: int, cols: int, spectrum: list[float], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(rows, len(spectrum), generator=g)).Q
+    v = torch.linalg.qr(torch.randn(cols, len(spectrum), generator=g)).Q
+    return (u * torch.tensor(spectrum)) @ v.T
+
+
+def test_lowrank_reproduces_a_rank_r_matrix_and_sends_r_times_rows_plus_cols_values():
+    t = {"w": _low_rank_matrix(200, 60, [5.0, 2.0, 0.5]), "b": torch.randn(60)}
+    chain, parts, out = roundtrip([{"name": "lowrank", "rank": 3}], t)
+    assert torch.allclose(out["w"], t["w"], atol=1e-5) and torch.equal(out["b"], t["b"])  # vectors travel whole
+    assert parts["w::0.factors"].numel() == 3 * (200 + 60) and parts["b::0.factors"].numel() == 60
+    assert chain.nbytes(200 * 60, (200, 60)) == 4 * 3 * 260 and chain.nbytes(60, (60,)) == 4 * 60
+
+
+@pytest.mark.parametrize("exact_max", [1 << 22, 100])  # exact SVD, and the seeded randomized range finder
+def test_lowrank_error_is_the_dropped_singular_values(exact_max):
+    spectrum = [2.0 ** -i for i in range(12)]
+    w = _low_rank_matrix(300, 80, spectrum, seed=1)
+    _, _, out = roundtrip([{"name": "lowrank", "rank": 4, "exact_max": exact_max}], {"w": w})
+    best = sum(s * s for s in spectrum[4:])  # Eckart-Young: the optimum for rank 4
+    assert float((out["w"] - w).norm() ** 2) == pytest.approx(best, rel=1e-3)
+
+
+def test_lowrank_then_int8_quantizes_each_singular_vector_in_its_own_blocks():
+    w = _low_rank_matrix(256, 128, [10.0, 1.0, 0.1, 0.01])
+    chain, parts, out = roundtrip([{"name": "lowrank", "rank": 4}, {"name": "int8", "block": 128}], {"w": w})
+    assert parts["w::1.q"].numel() == 4 * (256 + 128)
+    assert chain.nbytes(w.numel(), tuple(w.shape)) == part_bytes(parts) == 4 * 384 + 4 * math.ceil(4 * 384 / 128)
+    assert float((out["w"] - w).norm() / w.norm()) < 0.02  # int8 on balanced factors
+
+
+def test_lowrank_keeps_small_matrices_whole_and_must_come_first():
+    t = {"w": torch.randn(6, 5)}  # rank 4 factors (44 values) would not be smaller than 30
+    _, parts, out = roundtrip([{"name": "lowrank", "rank": 4}], t)
+    assert torch.equal(out["w"], t["w"]) and parts["w::0.factors"].numel() == 30
+    with pytest.raises(CodecError, match="must be the first of a chain"):
+        Chain.from_specs([{"name": "randk", "fraction": 0.5}, "lowrank"])
+    assert "shape" not in build_codec("lowrank").for_shape((3, 4)).spec()
+
+
 def test_topk_then_int8_quantizes_kept_values():
     t = _tensors()
     chain, parts, out = roundtrip([{"name": "topk", "fraction": 0.05}, {"name": "int8", "block": 64}], t)
@@ -201,6 +273,6 @@ def test_codecs_run_on_cuda_when_available():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     t = {k: v.cuda() for k, v in _tensors().items()}
-    for specs in (["int8"], ["int4"], [{"name": "topk", "fraction": 0.1}, "int8"], ["randk"], ["fp16"]):
+    for specs in (["int8"], ["int4"], [{"name": "topk", "fraction": 0.1}, "int8"], ["randk"], ["fp16"], ["sign"], ["lowrank", "int8"]):
         _, parts, out = roundtrip(specs, t)
         assert all(v.is_cuda for v in out.values())

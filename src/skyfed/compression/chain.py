@@ -21,6 +21,9 @@ SEP = "::"
 
 class Chain:
     def __init__(self, codecs: list[Codec]):
+        for c in codecs[1:]:
+            if c.needs_shape:
+                raise CodecError(f"codec {c.name!r} must be the first of a chain (it needs the tensor's shape)")
         for c in codecs[:-1]:
             if c.carry is None:
                 raise CodecError(f"codec {c.name!r} must be the last of a chain (it leaves nothing for {codecs[-1].name!r} to encode)")
@@ -50,10 +53,11 @@ class Chain:
     def salted(self, salt: int) -> "Chain":
         return Chain([c.salted(salt) for c in self.codecs])
 
-    def nbytes(self, n: int) -> int:
+    def nbytes(self, n: int, shape: tuple[int, ...] | None = None) -> int:
         """Encoded bytes of one tensor of `n` values (per-tensor scope), by the formulas."""
         total = 0
-        for c in self.codecs:
+        for i, c in enumerate(self.codecs):
+            c = c.for_shape(shape or (n,)) if i == 0 else c
             total += c.nbytes(n)
             n = c.carry_numel(n)
         return total + 4 * n  # an unencoded carry travels as float32
@@ -68,6 +72,7 @@ class Chain:
         hints = self.codecs[0].prepare(flats)
         for key, x in flats.items():
             for i, c in enumerate(self.codecs):
+                c = c.for_shape(tuple(tensors[key].shape)) if i == 0 else c
                 parts = c.encode(x, key, hints.get(key) if i == 0 else None)
                 carry = parts.pop(c.carry) if c.carry is not None else None
                 out.update({f"{key}{SEP}{i}.{p}": t for p, t in parts.items()})
@@ -101,7 +106,8 @@ class Chain:
         for key, spec in expected.items():
             stages = grouped[key]
             sizes, n = [], int(torch.Size(spec.shape).numel())
-            for i, c in enumerate(self.codecs):  # validate forward
+            codecs = [self.codecs[0].for_shape(tuple(spec.shape)), *self.codecs[1:]]
+            for i, c in enumerate(codecs):  # validate forward
                 where = f"{what}: tensor {key!r} ({c.name})"
                 p = stages.get(i, {})
                 allowed = set(self._part_names(c, i == last))
@@ -119,8 +125,8 @@ class Chain:
             else:
                 value = None
             for i in range(last, -1, -1):  # decode backward
-                c = self.codecs[i]
-                p = dict(stages[i])
+                c = codecs[i]
+                p = dict(stages.get(i, {}))
                 if c.carry is not None:
                     p[c.carry] = value
                 value = c.decode(p, sizes[i], key, f"{what}: tensor {key!r} ({c.name})")

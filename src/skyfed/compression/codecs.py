@@ -17,8 +17,10 @@ fp32       v (float32)                                    4 n            (lossle
 fp16/bf16  v (float16 / bfloat16)                         2 n
 int8       q (int8), scale (float32 per block)            n + 4 ceil(n / B)
 int4       q (uint8, two values a byte), scale            ceil(n / 2) + 4 ceil(n / B)
+sign       bits (uint8, eight values a byte), scale       ceil(n / 8) + 4 ceil(n / B)
 topk       idx (int16), count (int32 per 64 Ki), values   2 k + 4 ceil(n / 65536) + carry
 randk      values (indices regenerated from the seed)     carry
+lowrank    factors (rank r of an m x c matrix)            carry of r (m + c) values
 =========  =============================================  ==========================
 
 where carry = ``4 k`` when the chain ends there (fp32 values), else the next codec's
@@ -98,6 +100,7 @@ class Codec:
     lossless: ClassVar[bool] = False
     carry: ClassVar[str | None] = None  # float part a following codec may encode
     part_names: ClassVar[tuple[str, ...]] = ()  # parts it always sends (carry excluded)
+    needs_shape: ClassVar[bool] = False  # sees the tensor's shape (first codec of a chain only)
 
     def spec(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self)}
@@ -111,6 +114,10 @@ class Codec:
     def carry_numel(self, n: int) -> int:
         """Number of values in the carry part for an input of `n` values."""
         return n
+
+    def for_shape(self, shape: tuple[int, ...]) -> "Codec":
+        """This codec for one tensor of `shape` (only a chain's first codec sees shapes)."""
+        return self
 
     def nbytes(self, n: int) -> int:
         """Bytes of this codec's own parts (excluding the carry) for `n` values."""
@@ -326,6 +333,156 @@ class Int4(Int8):
         return self._dequantize(q, parts["scale"], n)
 
 
+@dataclass(frozen=True)
+class Sign(Codec):
+    """1-bit scaled sign: each value becomes +-scale, scale = mean |x| of its block.
+
+    The compressor of EF-SignSGD (Karimireddy et al. 2019) and 1-bit SGD (Seide et al.
+    2014), made block-wise: with error feedback it keeps the sign's direction error for
+    the next round. Bits are packed eight to a byte (value 8i + j in bit j of byte i,
+    1 = non-negative); the tail of the last byte is zero.
+    """
+
+    name: ClassVar[str] = "sign"
+    part_names: ClassVar[tuple[str, ...]] = ("bits", "scale")
+    block: int = 256
+
+    def __post_init__(self) -> None:
+        _check_int(self.block, "sign.block", 1, 1 << 24)
+
+    def carry_numel(self, n: int) -> int:
+        return 0
+
+    def nbytes(self, n: int) -> int:
+        return math.ceil(n / 8) + 4 * math.ceil(n / self.block)
+
+    def encode(self, x: torch.Tensor, key: str, hint: Any = None) -> Parts:
+        x = x.reshape(-1).to(torch.float32)
+        n, B = x.numel(), self.block
+        full = n // B * B
+        ax = x.abs()
+        scale = ax[:full].view(-1, B).mean(1) if full else ax.new_empty(0)
+        if full < n:
+            scale = torch.cat([scale, ax[full:].mean().reshape(1)])
+        bits = torch.zeros(math.ceil(n / 8) * 8, dtype=torch.uint8, device=x.device)
+        bits[:n] = x >= 0
+        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=x.device)
+        packed = (bits.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+        return {"bits": packed, "scale": scale}
+
+    def check(self, parts: Parts, n: int, where: str) -> int:
+        _expect(parts, "bits", torch.uint8, (math.ceil(n / 8),), where)
+        scale = _expect(parts, "scale", torch.float32, (math.ceil(n / self.block),), where)
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise WireFormatError(f"{where}: sign scales must be finite and non-negative")
+        return 0
+
+    def decode(self, parts: Parts, n: int, key: str, where: str) -> torch.Tensor:
+        packed, scale = parts["bits"], parts["scale"]
+        shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+        bits = ((packed[:, None] >> shifts) & 1).view(-1)[:n]
+        out = bits.to(torch.float32).mul_(2).sub_(1)
+        B, full = self.block, n // self.block * self.block
+        if full:
+            out[:full].view(-1, B).mul_(scale[: full // B, None])
+        if full < n:
+            out[full:].mul_(scale[-1])
+        return out
+
+
+# ---------------------------------------------------------------- low rank
+
+
+def low_rank_factors(m: torch.Tensor, rank: int, niter: int, exact_max: int, gen: torch.Generator | None):
+    """(U, S, Vh) of a rank-`rank` approximation of the matrix `m`.
+
+    Exact SVD for matrices up to `exact_max` values; above, the randomized range finder
+    with `niter` power iterations of Halko, Martinsson and Tropp (2011), seeded by `gen`.
+    """
+    if m.numel() <= exact_max:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    else:
+        q = min(rank + 8, *m.shape)
+        y = m @ torch.randn(m.shape[1], q, generator=gen, device=m.device)
+        for _ in range(niter):
+            y = m @ (m.T @ torch.linalg.qr(y).Q)
+        basis = torch.linalg.qr(y).Q
+        ub, s, vh = torch.linalg.svd(basis.T @ m, full_matrices=False)
+        u = basis @ ub
+    return u[:, :rank], s[:rank], vh[:rank]
+
+
+@dataclass(frozen=True)
+class LowRank(Codec):
+    """Send a rank-r approximation of each matrix: its two factors, r (rows + cols) values.
+
+    The update of an m x c weight (more dimensions are flattened after the first) is
+    approximated by its top-r singular triplets, as in PowerSGD (Vogels et al. 2019) and
+    ATOMO (Wang et al. 2018); the factors U sqrt(S) and sqrt(S) V^T travel as the carry,
+    one singular vector after another (so a following block quantizer's blocks stay
+    within one vector). Vectors, and matrices too small to gain, travel whole as the
+    carry. With error feedback, what the rank cut drops is sent in later rounds.
+    """
+
+    name: ClassVar[str] = "lowrank"
+    carry: ClassVar[str | None] = "factors"
+    needs_shape: ClassVar[bool] = True
+    rank: int = 4
+    niter: int = 2
+    exact_max: int = 1 << 22
+    seed: int = 0
+    shape: tuple[int, ...] = dataclasses.field(default=(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_int(self.rank, "lowrank.rank", 1)
+        _check_int(self.niter, "lowrank.niter", 0, 16)
+        _check_int(self.exact_max, "lowrank.exact_max", 1)
+        _check_int(self.seed, "lowrank.seed", 0, 2**63 - 1)
+
+    def spec(self) -> dict[str, Any]:
+        out = super().spec()
+        out.pop("shape")
+        return out
+
+    def for_shape(self, shape: tuple[int, ...]) -> "LowRank":
+        return dataclasses.replace(self, shape=tuple(int(d) for d in shape))
+
+    def _matrix(self, n: int) -> tuple[int, int, int] | None:
+        """(rows, cols, rank) when the factors are smaller than the tensor, else None."""
+        if len(self.shape) < 2 or math.prod(self.shape) != n:
+            return None
+        rows, cols = self.shape[0], n // self.shape[0]
+        r = min(self.rank, rows, cols)
+        return (rows, cols, r) if r * (rows + cols) < n else None
+
+    def carry_numel(self, n: int) -> int:
+        mat = self._matrix(n)
+        return n if mat is None else mat[2] * (mat[0] + mat[1])
+
+    def nbytes(self, n: int) -> int:
+        return 0
+
+    def encode(self, x: torch.Tensor, key: str, hint: Any = None) -> Parts:
+        x = x.reshape(-1).to(torch.float32)
+        mat = self._matrix(x.numel())
+        if mat is None:
+            return {"factors": x}
+        rows, cols, r = mat
+        gen = torch.Generator(device=x.device)
+        gen.manual_seed(key_seed(self.seed, key))
+        u, s, vh = low_rank_factors(x.view(rows, cols), r, self.niter, self.exact_max, gen)
+        root = s.sqrt()
+        return {"factors": torch.cat([(u * root).T.reshape(-1), (vh * root[:, None]).reshape(-1)])}
+
+    def decode(self, parts: Parts, n: int, key: str, where: str) -> torch.Tensor:
+        f = parts["factors"]
+        mat = self._matrix(n)
+        if mat is None:
+            return f
+        rows, cols, r = mat
+        return (f[: r * rows].view(r, rows).T @ f[r * rows :].view(r, cols)).reshape(-1)
+
+
 # ---------------------------------------------------------------- sparsification
 
 
@@ -462,7 +619,7 @@ class RandK(Codec):
         return out
 
 
-CODECS: dict[str, type[Codec]] = {c.name: c for c in (Fp32, Fp16, Bf16, Int8, Int4, TopK, RandK)}
+CODECS: dict[str, type[Codec]] = {c.name: c for c in (Fp32, Fp16, Bf16, Int8, Int4, Sign, LowRank, TopK, RandK)}
 
 
 def build_codec(spec: str | dict[str, Any]) -> Codec:
