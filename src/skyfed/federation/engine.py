@@ -180,29 +180,34 @@ class Engine:
             result = self.transport.receive(timeout)
             if result is None:
                 break
-            if result.client not in waiting or result.round != round:
-                log.warning("ignored a result from %s for round %d during round %d", result.client, result.round, round)
-                continue
-            waiting.discard(result.client)
-            out.compute_s[result.client] = result.compute_s
-            out.meta[result.client] = result.meta
-            try:
-                update = self._decode(result, round)
-            except SkyfedError as exc:
-                out.rejected[result.client] = str(exc)
-                log.error("round %d: rejected the update from %s: %s", round, result.client, exc)
-            else:
-                if running is not None:
-                    t0 = time.perf_counter()
-                    self.strategy.fold(running, update)  # type: ignore[attr-defined]
-                    update.delta = {}
-                    out.aggregate_s += time.perf_counter() - t0
-                out.updates.append(update)
-            result.payload = None  # decoded (or folded): the received bytes can go
+            self._take(result, round, waiting, out, running)
+            result.payload = None  # decoded, folded or ignored: the received bytes can go
         out.missing = [c for c in selected if c in waiting]
         if out.missing:
             log.warning("round %d: no update from %s", round, ", ".join(out.missing))
         return out
+
+    def _take(self, result: ClientResult, round: int, waiting: set[str], out: RoundOutcome, running: RunningMean | None) -> None:
+        """Validate one result into `out` (and fold it into `running`), or ignore/reject it."""
+        if result.client not in waiting or result.round != round:
+            log.warning("ignored a result from %s for round %d during round %d", result.client, result.round, round)
+            return
+        waiting.discard(result.client)
+        out.compute_s[result.client] = result.compute_s
+        out.meta[result.client] = result.meta
+        try:
+            update = self._decode(result, round)
+        except SkyfedError as exc:
+            reason = str(exc)  # not the exception: its traceback would keep the payload alive
+            out.rejected[result.client] = reason
+            log.error("round %d: rejected the update from %s: %s", round, result.client, reason)
+            return
+        if running is not None:
+            t0 = time.perf_counter()
+            self.strategy.fold(running, update)  # type: ignore[attr-defined]
+            update.delta = {}
+            out.aggregate_s += time.perf_counter() - t0
+        out.updates.append(update)
 
     def receive_round(self, r: int, reached: list[str]) -> tuple[RoundOutcome, bool, dict[str, Any]]:
         """Collect round r's updates from `reached` and, with a quorum, make the next global
