@@ -182,6 +182,7 @@ class Engine:
                 break
             self._take(result, round, waiting, out, running)
             result.payload = None  # decoded, folded or ignored: the received bytes can go
+            self.transport.release(result)
         out.missing = [c for c in selected if c in waiting]
         if out.missing:
             log.warning("round %d: no update from %s", round, ", ".join(out.missing))
