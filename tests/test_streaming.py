@@ -152,6 +152,7 @@ class ScriptedTransport(Transport):
         self.queue: deque[tuple[str, int]] = deque()
         self.alive: list[weakref.ref] = []
         self.peak_alive = 0
+        self.received = self.released = 0
 
     def client_names(self) -> list[str]:
         return list(self.deltas)
@@ -161,10 +162,15 @@ class ScriptedTransport(Transport):
         if len(self.queue) == 2:  # the extras arrive while the round is still open
             self.queue.extend((c, task.round + dr) for c, dr in self.extra)
 
+    def release(self, result: ClientResult) -> None:
+        assert result.payload is None  # the engine dropped its reference first
+        self.released += 1
+
     def receive(self, timeout: float | None = None) -> ClientResult | None:
         if not self.queue:
             return None
         client, round = self.queue.popleft()
+        self.received += 1
         payload = Buf(encode_payload(self.deltas[client], kind="update"))
         self.alive = [r for r in self.alive if r() is not None] + [weakref.ref(payload)]
         self.peak_alive = max(self.peak_alive, len(self.alive))
@@ -208,6 +214,7 @@ def test_streamed_rounds_equal_buffered_rounds_and_hold_one_update(tmp_path, str
         assert set(a["rejected"]) == set(b["rejected"]) == {"c3"} and "NaN" in a["rejected"]["c3"]
         assert a["weights"] == pytest.approx(b["weights"])
         assert a["weights"] == pytest.approx({"c0": 1 / 14, "c1": 4 / 14, "c2": 9 / 14})
+    assert s_t.received == s_t.released == b_t.released == 2 * 8  # every arrival is released, ignored ones too
     assert s_t.peak_alive == 1  # each update is folded and dropped before the next arrives
     assert b_t.peak_alive == 4  # buffered: c0..c2 held when c3 arrives (so the probe would catch it)
 
