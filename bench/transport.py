@@ -11,13 +11,14 @@ with `compression.wire.read_header`); the client is skyfed's `FederationSession.
 (4 MiB chunks). The gRPC time runs from the first byte sent until the server has
 accepted the validated update. The TCP baseline sends the same bytes over one socket
 into a preallocated buffer in the same server process (no framing, no checks).
-Memory: the server's transport is `FoldingTransport` (`runtime/grpc/fold.py`): each
-received update is folded into a running weighted sum (zero-copy views over the receive
-buffer) before the push is answered, and the buffer is freed; then the FedAvg outer
-step updates the server's global model in place. Peak RSS (VmHWM, reset with
-/proc/self/clear_refs after the TCP copies) is read in the server process at the end;
-the delta is over the RSS the server has before the first update arrives (imports and
-the global model included, the running sum not). The
+Memory: the server process runs the production aggregation path: the servicer and
+`GrpcTransport` receive each update, and `Engine.receive_round` (what `run_round` calls:
+`collect`, which validates each update as zero-copy views over its receive buffer and
+folds it into FedAvg's running mean before dropping it, then the strategy's step) makes
+the next global model; only the evaluation and the checkpoint of `run_round` are left
+out. Peak RSS (VmHWM, reset with /proc/self/clear_refs after the TCP copies) is read in
+the server process at the end; the delta is over the RSS the server has before the
+first update arrives (imports and the global model included, the running sum not). The
 three clients upload one after the other; each upload in flight at the same time adds
 one receive buffer (one model size).
 """
@@ -63,21 +64,27 @@ def reset_hwm() -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
+    import tempfile
+
     import grpc
     import torch
 
-    from skyfed.compression.wire import TensorSpec
+    from skyfed.config import load_config
+    from skyfed.federation.engine import Engine
     from skyfed.federation.messages import TrainTask
+    from skyfed.federation.strategies import build_strategy
+    from skyfed.metrics import RunDir
     from skyfed.runtime.grpc.rawchunks import add_servicer
-    from skyfed.runtime.grpc.fold import FoldingTransport
     from skyfed.runtime.grpc.security import server_credentials, server_options
     from skyfed.runtime.grpc.servicer import FederationServicer
+    from skyfed.runtime.grpc.transport import GrpcTransport
 
     torch.set_num_threads(1)
     chunk = int(args.chunk_mib * 2**20)
-    spec = {"w": TensorSpec((args.params,), torch.float32)}
-    transport = FoldingTransport(CLIENTS, spec)
-    servicer = FederationServicer(transport, "", {}, None, 2 * args.params * 4 + 2**20, chunk)
+    max_bytes = 2 * args.params * 4 + 2**20
+    cfg = load_config(preset="smoke", overrides=[f"federation.max_update_bytes={max_bytes}", "federation.round_timeout_s=600"])
+    transport = GrpcTransport(CLIENTS)
+    servicer = FederationServicer(transport, "", {}, None, max_bytes, chunk)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=server_options(chunk))
     add_servicer(servicer, server)
     creds = None if args.certs is None else server_credentials(Path(args.certs) / "server.pem", Path(args.certs) / "server.key", None, False)
@@ -106,7 +113,11 @@ def serve(args: argparse.Namespace) -> None:
                 tcp_done.append(pos)
 
     threading.Thread(target=tcp_receiver, daemon=True).start()
-    global_params = {"w": torch.zeros(args.params, dtype=torch.float32)}  # the server's global model
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.zeros(args.params), requires_grad=False)
+    evaluator = None  # receive_round does not evaluate
+    engine = Engine(cfg, transport, model, ["w"], build_strategy("fedavg"), evaluator, RunDir(tempfile.mkdtemp()))
+    engine.stream_aggregate = not args.buffered
     Path(args.port_file).write_text(json.dumps({"grpc": port, "tcp": tcp.getsockname()[1]}))
     while len(tcp_done) < args.rounds:  # the TCP baseline copies run first, outside the measurement
         time.sleep(0.05)
@@ -115,19 +126,12 @@ def serve(args: argparse.Namespace) -> None:
     for round in range(args.rounds):
         for c in CLIENTS:
             transport.send(c, TrainTask(round, round, b"", 1))
-        results = []
-        for _ in CLIENTS:
-            result = transport.receive(600)
-            assert result.error is None, result.error
-            results.append({"client": result.client, "bytes": result.meta["bytes"], "weight": result.num_tokens})
-        running = transport.reset()
-        assert running.count == len(CLIENTS)
-        mean = running.mean()
-        global_params["w"].sub_(mean["w"])  # FedAvg outer step (lr 1)
-        del running, mean
+        outcome, aggregated, metrics = engine.receive_round(round, CLIENTS)
+        assert aggregated and not outcome.rejected and not outcome.missing, outcome
+        results = [{"client": u.client, "bytes": u.bytes_up, "weight": metrics["weights"][u.client]} for u in outcome.updates]
     peak = vm_hwm()
     print(json.dumps({"baseline_rss": base, "peak_hwm": peak, "peak_delta": peak - base, "folds": results,
-                      "global_mean": float(global_params["w"].double().mean())}), flush=True)
+                      "streamed": engine.stream_aggregate, "global_mean": float(engine.params["w"].mean())}), flush=True)
     server.stop(0)
 
 
@@ -137,7 +141,8 @@ def serve(args: argparse.Namespace) -> None:
 def start_server(args: argparse.Namespace, certs: str | None, rounds: int, tmp: Path):
     port_file = tmp / f"ports-{time.monotonic_ns()}.json"
     cmd = [sys.executable, __file__, "--serve", "--port-file", str(port_file), "--params", str(args.params),
-           "--chunk-mib", str(args.chunk_mib), "--rounds", str(rounds)] + (["--certs", certs] if certs else [])
+           "--chunk-mib", str(args.chunk_mib), "--rounds", str(rounds)] + (["--certs", certs] if certs else []) \
+        + (["--buffered"] if args.buffered else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
     for _ in range(1200):
@@ -185,6 +190,7 @@ def main() -> None:
     p.add_argument("--chunk-mib", type=float, default=4.0)
     p.add_argument("--repeats", type=int, default=2, help="transfers per path; the best is reported")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "transport.json"))
+    p.add_argument("--buffered", action="store_true", help="aggregate the round's list of updates instead of folding (for comparison)")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port-file", help=argparse.SUPPRESS)
     p.add_argument("--certs", help=argparse.SUPPRESS)
@@ -204,7 +210,7 @@ def main() -> None:
     payload = encode_payload({"w": torch.rand(args.params)}, kind="update", round=0, client="c0")
     size = len(payload)
     out: dict = {"params": args.params, "payload_bytes": size, "chunk_bytes": int(args.chunk_mib * 2**20),
-                 "repeats": args.repeats, "cpu_count": os.cpu_count()}
+                 "repeats": args.repeats, "cpu_count": os.cpu_count(), "aggregation": "buffered" if args.buffered else "streamed"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_dev_certs(tmp / "certs", CLIENTS, ["localhost", "127.0.0.1"])

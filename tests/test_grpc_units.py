@@ -95,6 +95,30 @@ def test_transport_round_rules():
     assert t.wait_told_done(0.0) == []
 
 
+def test_a_push_is_answered_once_the_engine_releases_its_update():
+    """Backpressure: the servicer waits in `wait_released` until the engine has folded
+    the update, so a client's next upload never overlaps the server folding its last."""
+    import threading
+    import time
+
+    t = GrpcTransport(["aws", "gcp"])
+    t.send("aws", _task(0))
+    assert t.submit(_result("aws", 0))
+    assert t.wait_released("aws", 0, 0.05) is False  # queued, not yet taken by the engine
+    taken = t.receive(0.0)
+    threading.Timer(0.2, t.release, [taken]).start()
+    start = time.monotonic()
+    assert t.wait_released("aws", 0, 10.0) is True
+    assert 0.1 < time.monotonic() - start < 5.0
+    t.send("gcp", _task(0))
+    assert t.submit(ClientResult("gcp", 0, 0, None, error="boom"))  # no payload: nothing to wait for
+    assert t.wait_released("gcp", 0, 0.0) is True
+    t.send("aws", _task(1))
+    assert t.submit(_result("aws", 1))
+    t.close()  # a closing server answers every waiting push
+    assert t.wait_released("aws", 1, 10.0) is True
+
+
 def test_dev_certs_have_sans_and_chain(tmp_path):
     paths = make_dev_certs(tmp_path, ["aws", "gcp"], ["localhost", "127.0.0.1", "fl.example.org"])
     ca = x509.load_pem_x509_certificate(paths["ca.pem"].read_bytes())
@@ -189,31 +213,3 @@ def test_unreachable_server_gives_up_with_a_hint():
     session = FederationSession(ClientOptions(addr, "aws", "t", insecure=True, connect_timeout_s=0.5, initial_backoff_s=0.05))
     with pytest.raises(SkyfedError, match="cannot reach the skyfed server"):
         session.register(0)
-
-
-def test_folding_transport_equals_weighted_mean_and_skips_bad_and_duplicate_updates():
-    from skyfed.compression.wire import TensorSpec
-    from skyfed.federation.strategies.aggregate import weighted_mean
-    from skyfed.runtime.grpc.fold import FoldingTransport
-
-    torch.manual_seed(0)
-    spec = {"a": TensorSpec((3, 5), torch.float32), "b": TensorSpec((7,), torch.float32)}
-    deltas = [{n: torch.randn(s.shape) for n, s in spec.items()} for _ in range(3)]
-    names = ["c0", "c1", "c2", "bad"]
-    t = FoldingTransport(names, spec)
-    for n in names:
-        t.send(n, _task(0))
-    for i, d in enumerate(deltas):
-        payload = bytearray(encode_payload(d, kind="update"))
-        assert t.submit(ClientResult(f"c{i}", 0, 0, payload, num_tokens=10 * (i + 1)))
-    assert not t.submit(ClientResult("c0", 0, 0, bytearray(encode_payload(deltas[0])), num_tokens=10))  # duplicate
-    nan = {n: torch.full(s.shape, float("nan")) for n, s in spec.items()}
-    assert t.submit(ClientResult("bad", 0, 0, bytearray(encode_payload(nan)), num_tokens=1000))
-    results = [t.receive(0.0) for _ in names]
-    assert all(r.payload is None for r in results)
-    assert "NaN" in next(r for r in results if r.client == "bad").error
-    running = t.reset()
-    assert running.count == 3 and running.weight == 60.0
-    expected = weighted_mean(deltas, [10, 20, 30])
-    for n, v in running.mean().items():
-        torch.testing.assert_close(v, expected[n], rtol=1e-6, atol=1e-6)

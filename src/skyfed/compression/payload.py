@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from skyfed.compression.chain import Chain
-from skyfed.compression.wire import TensorSpec, check_tensors, pack, unpack
+from skyfed.compression.views import blob_views
+from skyfed.compression.wire import TensorSpec, check_tensors, load_blob, pack, read_header
 from skyfed.errors import WireFormatError
 
 
@@ -37,13 +38,21 @@ def decode_payload(
     expected: dict[str, TensorSpec],
     max_bytes: int | None = None,
     what: str = "payload",
+    views: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Validate framing, codec chain, names, shapes, dtypes and finiteness; decode."""
-    parts, header = unpack(data, max_bytes)
+    """Validate framing, codec chain, names, shapes, dtypes and finiteness; decode.
+
+    With `views`, a plain payload (no codecs) is not copied: its tensors are read-only
+    views into `data` (`compression.views.blob_views`) that keep `data` alive."""
+    header, blob = read_header(data, max_bytes)
     try:
         chain = Chain.from_specs(header.get("codecs", []))
     except WireFormatError as exc:
         raise WireFormatError(f"{what}: {exc}") from None
-    tensors = chain.decode(parts, expected, what) if chain else parts
+    if views and not chain:
+        tensors = blob_views(blob)
+    else:
+        parts = load_blob(blob)
+        tensors = chain.decode(parts, expected, what) if chain else parts
     check_tensors(tensors, expected, what)
     return tensors, header

@@ -85,11 +85,15 @@ def read_header(data: bytes | memoryview, max_bytes: int | None = None) -> tuple
 def unpack(data: bytes | memoryview, max_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Validate and deserialize a payload into (encoded tensors, header)."""
     header, blob = read_header(data, max_bytes)
+    return load_blob(blob), header
+
+
+def load_blob(blob: memoryview) -> dict[str, torch.Tensor]:
+    """Deserialize a validated payload's safetensors blob (copies; see `views.blob_views`)."""
     try:
-        tensors = st_load(bytes(blob))
+        return st_load(bytes(blob))
     except Exception as exc:  # safetensors raises its own error types
         raise WireFormatError(f"corrupt tensor data: {exc}") from None
-    return tensors, header
 
 
 def check_tensors(

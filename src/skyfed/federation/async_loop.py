@@ -262,7 +262,9 @@ class AsyncLoop:
             if result is None:
                 log.error("no update arrived within %s s (%d of %d received); stopping", timeout, self.received, self.budget)
                 break
-            if not self.handle(result):
+            handled = self.handle(result)
+            self.transport.release(result)
+            if not handled:
                 continue
             if self.sent < self.budget:
                 self.dispatch(result.client)

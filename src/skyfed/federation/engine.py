@@ -4,6 +4,12 @@ Each synchronous round: select clients, send each the global model, collect thei
 updates (until all are in or the round deadline passes), validate and decode them,
 let the strategy aggregate, evaluate, log a line to metrics.jsonl and checkpoint.
 A bad update is rejected and logged; it never touches the global model.
+
+Streaming aggregation: when the strategy is a weighted mean of deltas (`MeanStrategy`:
+FedAvg, FedProx and the FedOpt family), each update is folded into a running sum as
+soon as it is received and validated, then dropped, so the server holds one update at
+a time (plain fp32 updates are read as views into the received bytes, not copied).
+Other strategies get the round's updates as a list.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from skyfed.config import ExperimentConfig
 from skyfed.errors import SkyfedError
 from skyfed.federation.messages import ClientResult, TrainTask, Update
 from skyfed.federation.strategies import Strategy
+from skyfed.federation.strategies.mean import MeanStrategy, RunningMean
 from skyfed.federation.transport import Transport
 from skyfed.metrics import RunDir
 from skyfed.model import get_params, set_params
@@ -52,6 +59,7 @@ class RoundOutcome:
     rejected: dict[str, str] = field(default_factory=dict)
     compute_s: dict[str, float] = field(default_factory=dict)
     meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # ClientResult.meta of each arrival
+    aggregate_s: float = 0.0  # folding updates into the running mean, then the strategy's step
 
 
 class Engine:
@@ -85,6 +93,9 @@ class Engine:
         # Objects with round_start(round) and round_end(round, record, outcome) -> dict of
         # extra metrics (e.g. the simulated clock and egress bill, skyfed.runtime.cloud_metrics).
         self.observers: list[Any] = []
+        # Fold each update into the aggregate as it arrives (see the module docstring);
+        # False gives the strategy the round's updates as a list (same result).
+        self.stream_aggregate = isinstance(strategy, MeanStrategy)
 
     # ------------------------------------------------------------ state
 
@@ -141,7 +152,7 @@ class Engine:
         if result.error is not None or result.payload is None:
             raise SkyfedError(result.error or "no payload")
         delta, _ = decode_payload(
-            result.payload, self.spec, self.cfg.federation.max_update_bytes, what=f"update from {result.client}"
+            result.payload, self.spec, self.cfg.federation.max_update_bytes, what=f"update from {result.client}", views=True
         )
         return Update(
             client=result.client,
@@ -154,8 +165,13 @@ class Engine:
             bytes_up=len(result.payload),
         )
 
-    def collect(self, round: int, selected: list[str], deadline_s: float | None) -> RoundOutcome:
-        """Receive one result per selected client; reject bad, late, foreign or duplicate ones."""
+    def collect(
+        self, round: int, selected: list[str], deadline_s: float | None, running: RunningMean | None = None
+    ) -> RoundOutcome:
+        """Receive one result per selected client; reject bad, late, foreign or duplicate ones.
+
+        With `running`, each validated update is folded into it and its tensors dropped
+        (`outcome.updates` then keep everything but the delta)."""
         out = RoundOutcome()
         waiting = set(selected)
         end = None if deadline_s is None else self.transport.now() + deadline_s
@@ -164,21 +180,56 @@ class Engine:
             result = self.transport.receive(timeout)
             if result is None:
                 break
-            if result.client not in waiting or result.round != round:
-                log.warning("ignored a result from %s for round %d during round %d", result.client, result.round, round)
-                continue
-            waiting.discard(result.client)
-            out.compute_s[result.client] = result.compute_s
-            out.meta[result.client] = result.meta
-            try:
-                out.updates.append(self._decode(result, round))
-            except SkyfedError as exc:
-                out.rejected[result.client] = str(exc)
-                log.error("round %d: rejected the update from %s: %s", round, result.client, exc)
+            self._take(result, round, waiting, out, running)
+            result.payload = None  # decoded, folded or ignored: the received bytes can go
+            self.transport.release(result)
         out.missing = [c for c in selected if c in waiting]
         if out.missing:
             log.warning("round %d: no update from %s", round, ", ".join(out.missing))
         return out
+
+    def _take(self, result: ClientResult, round: int, waiting: set[str], out: RoundOutcome, running: RunningMean | None) -> None:
+        """Validate one result into `out` (and fold it into `running`), or ignore/reject it."""
+        if result.client not in waiting or result.round != round:
+            log.warning("ignored a result from %s for round %d during round %d", result.client, result.round, round)
+            return
+        waiting.discard(result.client)
+        out.compute_s[result.client] = result.compute_s
+        out.meta[result.client] = result.meta
+        try:
+            update = self._decode(result, round)
+        except SkyfedError as exc:
+            reason = str(exc)  # not the exception: its traceback would keep the payload alive
+            out.rejected[result.client] = reason
+            log.error("round %d: rejected the update from %s: %s", round, result.client, reason)
+            return
+        if running is not None:
+            t0 = time.perf_counter()
+            self.strategy.fold(running, update)  # type: ignore[attr-defined]
+            update.delta = {}
+            out.aggregate_s += time.perf_counter() - t0
+        out.updates.append(update)
+
+    def receive_round(self, r: int, reached: list[str]) -> tuple[RoundOutcome, bool, dict[str, Any]]:
+        """Collect round r's updates from `reached` and, with a quorum, make the next global
+        model: (outcome, aggregated, the strategy's metrics)."""
+        fed = self.cfg.federation
+        running = RunningMean(self.spec) if self.stream_aggregate else None
+        outcome = self.collect(r, reached, fed.round_timeout_s, running)
+        if len(outcome.updates) < fed.min_clients:
+            log.error("round %d: %d updates < min_clients=%d; the global model is unchanged", r, len(outcome.updates), fed.min_clients)
+            return outcome, False, {}
+        t0 = time.perf_counter()
+        if running is None:
+            result = self.strategy.aggregate(self.params, outcome.updates, r)
+        else:
+            result = self.strategy.finish(self.params, running, r)  # type: ignore[attr-defined]
+        del running
+        self.params = {n: result.params[n].to(torch.float32).contiguous() for n in self.param_names}
+        set_params(self.model, self.params)
+        self.version += 1
+        outcome.aggregate_s += time.perf_counter() - t0
+        return outcome, True, result.metrics
 
     def run_round(self, r: int) -> dict[str, Any]:
         fed = self.cfg.federation
@@ -194,21 +245,10 @@ class Engine:
         payloads = {c: self.downlink.payload_for(c, self.params, r, self.version) for c in reached}
         for client in reached:
             self.transport.send(client, TrainTask(r, self.version, payloads[client], self.cfg.train.local_steps, options))
-        outcome = self.collect(r, reached, fed.round_timeout_s)
+        outcome, aggregated, metrics = self.receive_round(r, reached)
         self.downlink.settle(reached, [u.client for u in outcome.updates])
         outcome.missing = [c for c in selected if c in unreachable or c in outcome.missing]
-        t_agg = time.perf_counter()
-        metrics: dict[str, Any] = {}
-        aggregated = len(outcome.updates) >= fed.min_clients
-        if aggregated:
-            result = self.strategy.aggregate(self.params, outcome.updates, r)
-            self.params = {n: result.params[n].to(torch.float32).contiguous() for n in self.param_names}
-            set_params(self.model, self.params)
-            self.version += 1
-            metrics = result.metrics
-        else:
-            log.error("round %d: %d updates < min_clients=%d; the global model is unchanged", r, len(outcome.updates), fed.min_clients)
-        aggregate_s = time.perf_counter() - t_agg
+        aggregate_s = outcome.aggregate_s
         t_eval = time.perf_counter()
         ev = self.evaluator(self.model, self.cfg.eval.max_batches)
         eval_s = time.perf_counter() - t_eval

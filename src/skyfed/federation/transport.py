@@ -34,6 +34,10 @@ class Transport(ABC):
         says no); an unreachable client is sent nothing and counted as missing."""
         return True
 
+    def release(self, result: ClientResult) -> None:
+        """The engine is done with `result` (decoded and folded, kept, or ignored): a
+        transport may now answer its sender (the gRPC one answers the push then)."""
+
     def now(self) -> float:
         """This transport's clock in seconds (real time unless simulated)."""
         return time.monotonic()

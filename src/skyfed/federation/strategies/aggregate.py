@@ -39,8 +39,9 @@ def weighted_sum(tensors: Sequence[Params], weights: Sequence[float]) -> Params:
 
 
 def apply_delta(params: Params, delta: Params, lr: float = 1.0) -> Params:
-    """params - lr * delta (delta = theta_start - theta_end, the DiLoCo sign)."""
-    return {name: p - lr * delta[name].to(p.dtype) for name, p in params.items()}
+    """params - lr * delta (delta = theta_start - theta_end, the DiLoCo sign), one new
+    tensor per name (no lr * delta temporary)."""
+    return {name: torch.sub(p, delta[name].to(p.dtype), alpha=lr) for name, p in params.items()}
 
 
 def mix(params: Params, other: Params, alpha: float) -> Params:

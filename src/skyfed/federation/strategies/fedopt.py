@@ -1,8 +1,9 @@
 """Gradient-based aggregation: the averaged pseudo-gradient drives a server optimizer.
 
 Each client sends delta_i = theta_start - theta_end (its pseudo-gradient). The server
-puts the token-weighted mean of the deltas into `.grad` of its own copy of the global
-parameters and calls a real `torch.optim` optimizer step, as torchft's DiLoCo does.
+puts the token-weighted mean of the deltas (folded as updates arrive, `mean.py`) into
+`.grad` of its own copy of the global parameters and calls a real `torch.optim`
+optimizer step, as torchft's DiLoCo does.
 With SGD, lr = 1 and no momentum this is exactly FedAvg.
 
 Named configurations (each its own registry entry, parameters still overridable):
@@ -21,21 +22,22 @@ AdamW step per client as its pseudo-gradient; `fedsgd` gets the gradient itself.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
 
 from skyfed.errors import CheckpointError
 from skyfed.federation.messages import Update
-from skyfed.federation.strategies.aggregate import weighted_mean
-from skyfed.federation.strategies.base import AggregateResult, Params, Strategy
+from skyfed.federation.strategies.base import AggregateResult, Params
+from skyfed.federation.strategies.mean import MeanStrategy
 from skyfed.federation.strategies.params import bad, choice, flag, number, pair
 from skyfed.federation.strategies.yogi import Yogi
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "yogi", "adagrad")
 
 
-class FedOpt(Strategy):
+class FedOpt(MeanStrategy):
     """Server optimizer on the averaged pseudo-gradient.
 
     Reddi et al. 2021, "Adaptive Federated Optimization", ICLR, arXiv:2003.00295;
@@ -99,23 +101,20 @@ class FedOpt(Strategy):
 
     # ---------------------------------------------------------------- strategy
 
-    def aggregate(self, global_params: Params, updates: list[Update], round: int) -> AggregateResult:
+    def weight(self, update: Update) -> float:
+        return float(update.num_tokens) if self.use_tokens else 1.0
+
+    def step(self, global_params: Params, mean_delta: Params, weights: dict[str, float], round: int) -> AggregateResult:
         self._ensure(global_params)
-        weights = [u.num_tokens if self.use_tokens else 1 for u in updates]
-        pseudo_grad = weighted_mean([u.delta for u in updates], weights)
+        norm = math.sqrt(sum(float(torch.linalg.vector_norm(g.float())) ** 2 for g in mean_delta.values()))
         with torch.no_grad():
             for name, p in zip(self._names, self._server):
                 p.copy_(global_params[name])
-                p.grad = pseudo_grad[name].to(torch.float32).clone()
+                p.grad = mean_delta[name].to(torch.float32)  # the mean is ours: no copy
         self._opt.step()
         self._opt.zero_grad(set_to_none=True)
         new = {name: p.detach().clone() for name, p in zip(self._names, self._server)}
-        total = sum(weights)
-        norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in pseudo_grad.values())))
-        return AggregateResult(new, {
-            "weights": {u.client: w / total for u, w in zip(updates, weights)},
-            "pseudo_grad_norm": norm,
-        })
+        return AggregateResult(new, {"weights": weights, "pseudo_grad_norm": norm})
 
     def state_dict(self) -> dict[str, Any]:
         if self._opt is None:

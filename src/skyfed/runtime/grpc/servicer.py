@@ -36,6 +36,9 @@ from skyfed.runtime.grpc.transport import GrpcTransport, RoundClosedError
 log = logging.getLogger(__name__)
 
 MAX_PULL_WAIT_S = 60.0
+# A push is answered once the engine has folded the update (backpressure, see
+# `GrpcTransport`), or after this long when the engine is busy elsewhere (evaluating).
+RELEASE_WAIT_S = 30.0
 
 
 class FederationServicer(pb_grpc.FederationServicer):
@@ -151,15 +154,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                     )
                 if h.payload_bytes <= 0:
                     raise WireFormatError(f"{what}: announced size {h.payload_bytes} is not positive")
-                buf = Assembler(h.payload_bytes, what)
-                for item in request_iterator:
-                    kind, data = _parts(item)
-                    if kind != "data":
-                        raise WireFormatError(f"{what}: a second header inside the stream")
-                    buf.add(data)
-                payload = buf.finish()
-                read_header(payload, self.max_update_bytes)  # framing, sizes, CRC-32
-                result.payload = payload
+                result.payload = self._receive(request_iterator, h.payload_bytes, what)
             except PayloadTooLargeError as exc:
                 code, reason = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
             except WireFormatError as exc:
@@ -175,8 +170,23 @@ class FederationServicer(pb_grpc.FederationServicer):
             self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         if not accepted:
             return pb.PushReply(accepted=True, duplicate=True, message=f"round {round} update already received")
+        del result  # the engine owns the payload now (this thread holds no other reference)
+        if not self.transport.wait_released(name, round, RELEASE_WAIT_S):
+            log.info("the round %d update of %s is still queued; answering its push", round, name)
         log.info("received the round %d update of %s (%d bytes)", round, name, h.payload_bytes)
         return pb.PushReply(accepted=True, message=f"round {round} update received")
+
+    def _receive(self, request_iterator: Iterator[bytes | pb.UpdateChunk], size: int, what: str) -> bytearray:
+        """The update's bytes in one preallocated buffer, framing and CRC-32 checked."""
+        buf = Assembler(size, what)
+        for item in request_iterator:
+            kind, data = _parts(item)
+            if kind != "data":
+                raise WireFormatError(f"{what}: a second header inside the stream")
+            buf.add(data)
+        payload = buf.finish()
+        read_header(payload, self.max_update_bytes)  # framing, sizes, CRC-32
+        return payload
 
     def _record_refusal(self, result: ClientResult, reason: str) -> None:
         """Tell the engine (the round must not wait for this client); drop the payload."""

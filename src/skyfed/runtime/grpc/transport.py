@@ -12,6 +12,12 @@ Synchronous-mode rules (enforced in `submit`):
 - an update is accepted only for the client's open round; one for a past (or
   future) round is refused with `RoundClosedError`;
 - the same (client, round) is accepted once; a repeat is a harmless duplicate.
+
+Backpressure: the servicer answers a push only once the engine has released the update
+(`release`: decoded and folded into the round's aggregate), or after `wait_released`'s
+timeout. A client's next upload then never overlaps the server still folding its last
+one, so the server holds the running aggregate, the update being folded and the
+uploads in flight, never a queue of received updates.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ class GrpcTransport(Transport):
         self._open: dict[str, TrainTask] = {}
         self._results: deque[ClientResult] = deque()
         self._accepted: set[tuple[str, int]] = set()
+        self._held: set[tuple[str, int]] = set()  # queued or in the engine's hands, not released
         self._done = False
 
     # ------------------------------------------------------------ engine side
@@ -83,6 +90,11 @@ class GrpcTransport(Transport):
                     return None
                 self._cond.wait(left)
             return self._results.popleft()
+
+    def release(self, result: ClientResult) -> None:
+        with self._cond:
+            self._held.discard((result.client, result.round))
+            self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:
@@ -136,10 +148,23 @@ class GrpcTransport(Transport):
             if task is None or task.round != result.round:
                 raise RoundClosedError(f"round {result.round} is not open for client {result.client!r}; update refused")
             self._accepted.add(key)
+            if result.payload is not None:
+                self._held.add(key)
             del self._open[result.client]
             self.clients[result.client].rounds_submitted.append(result.round)
             self._results.append(result)
             self._cond.notify_all()
+            return True
+
+    def wait_released(self, client: str, round: int, timeout_s: float) -> bool:
+        """Wait until the engine has released (client, round)'s update; False on timeout."""
+        end = time.monotonic() + timeout_s
+        with self._cond:
+            while (client, round) in self._held and not self._done:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
             return True
 
     # ------------------------------------------------------------ registry
