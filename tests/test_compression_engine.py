@@ -117,8 +117,9 @@ def test_all_updates_tampered_leaves_model_untouched(data, tmp_path):
         assert torch.equal(engine.params[k], before[k])
 
 
-def test_lossy_downlink_bookkeeping_matches_clients_bit_for_bit(data, tmp_path):
-    cfg = _cfg("compression.downlink=[{name: topk, fraction: 0.05}, int8]", "compression.uplink=[int8]", "federation.rounds=3")
+@pytest.mark.parametrize("downlink", ["[{name: topk, fraction: 0.05}, int8]", "[{name: lowrank, rank: 2}, int8]"])
+def test_lossy_downlink_bookkeeping_matches_clients_bit_for_bit(data, tmp_path, downlink):
+    cfg = _cfg(f"compression.downlink={downlink}", "compression.uplink=[int8]", "federation.rounds=3")
     engine, clients = _engine(cfg, data, tmp_path)
     records = [engine.run_round(r) for r in range(3)]
     dl = engine.downlink
@@ -128,8 +129,9 @@ def test_lossy_downlink_bookkeeping_matches_clients_bit_for_bit(data, tmp_path):
         for k in held:
             assert torch.equal(c.downlink.held[k], held[k])
     fp32 = records[0]["fp32_bytes_down"]
-    # deltas against the held models: ~3.8% of fp32 in tensor bytes, plus the (here large)
-    # headers of a micro model's many small tensors; dense int8 alone would be > 25%
+    # deltas against the held models: ~3.8% of fp32 in tensor bytes (top-k; low rank: its
+    # factors and the vectors), plus the (here large) headers of a micro model's many small
+    # tensors; dense int8 alone would be > 25%
     assert all(r["bytes_down"] < 0.12 * fp32 for r in records)
     # the clients' models track the server's within the codec error, and do not drift
     err = max(float((dl.held[dl.client_tag["aws"]][k] - engine.params[k]).abs().max()) for k in held)
