@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from skyfed.compression.codecs import Codec, CodecError, build_codec
-from skyfed.compression.wire import TensorSpec
+from skyfed.compression.wire import TensorSpec, all_finite
 from skyfed.errors import WireFormatError
 
 SEP = "::"
@@ -120,7 +120,7 @@ class Chain:
                 value = stages[last][name]
                 if value.dtype != torch.float32 or tuple(value.shape) != (n,):
                     raise WireFormatError(f"{what}: tensor {key!r}: part {name!r} is {value.dtype} {tuple(value.shape)}, expected float32 ({n},)")
-                if not bool(torch.isfinite(value).all()):
+                if not all_finite(value):
                     raise WireFormatError(f"{what}: tensor {key!r} contains NaN or Inf values")
             else:
                 value = None

@@ -96,6 +96,12 @@ def load_blob(blob: memoryview) -> dict[str, torch.Tensor]:
         raise WireFormatError(f"corrupt tensor data: {exc}") from None
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t`. Fast path: a sum is finite only if every value is (one pass,
+    no mask); only a non-finite sum (a bad value, or an overflow) pays the exact check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def check_tensors(
     tensors: dict[str, torch.Tensor], expected: dict[str, TensorSpec], what: str = "update"
 ) -> None:
@@ -115,6 +121,5 @@ def check_tensors(
             raise WireFormatError(f"{what}: tensor {name!r} has shape {tuple(t.shape)}, expected {spec.shape}")
         if t.dtype != spec.dtype:
             raise WireFormatError(f"{what}: tensor {name!r} has dtype {_dtype_name(t.dtype)}, expected {_dtype_name(spec.dtype)}")
-        # fast path: a sum is finite only if every value is (one cheap pass, no mask)
-        if t.is_floating_point() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise WireFormatError(f"{what}: tensor {name!r} contains NaN or Inf values")
