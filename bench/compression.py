@@ -51,9 +51,15 @@ RUNS: dict[str, dict[str, Any]] = {
     "randk50_sign": {"uplink": [RANDK(0.5), "sign"], "downlink": [RANDK(0.5), "sign"]},
     "lowrank4_int8": {"uplink": [LOWRANK(4), "int8"], "downlink": [LOWRANK(4), "int8"]},
     "lowrank6_int8": {"uplink": [LOWRANK(6), "int8"], "downlink": [LOWRANK(6), "int8"]},
-    "lowrank8_int8": {"uplink": [LOWRANK(8), "int8"], "downlink": [LOWRANK(8), "int8"]},
+    "lowrank12_int4": {"uplink": [LOWRANK(12), "int4"], "downlink": [LOWRANK(12), "int4"]},
+    "lowrank16_int4": {"uplink": [LOWRANK(16), "int4"], "downlink": [LOWRANK(16), "int4"]},
+    "lowrank32_sign": {"uplink": [LOWRANK(32), "sign"], "downlink": [LOWRANK(32), "sign"]},
+    "lowrank48_sign": {"uplink": [LOWRANK(48), "sign"], "downlink": [LOWRANK(48), "sign"]},
+    # one direction only (the other plain fp32), to separate the two directions' costs
+    "up_lowrank16_int4": {"uplink": [LOWRANK(16), "int4"], "downlink": []},
+    "down_lowrank16_int4": {"uplink": [], "downlink": [LOWRANK(16), "int4"]},
 }
-DEFAULT_RUNS = ["fp32", "int8", "int4", "topk10", "topk10_noef", "topk1", "topk1_noef", "topk1_int8"]
+DEFAULT_RUNS = ["fp32", "int8", "int4", "topk10", "topk10_noef", "topk1", "topk1_noef", "topk1_int8", "lowrank12_int4", "lowrank16_int4"]
 
 CODECS: dict[str, list[Any]] = {
     "fp32": [],
@@ -68,6 +74,7 @@ CODECS: dict[str, list[Any]] = {
     "randk1": [{"name": "randk", "fraction": 0.01}],
     "sign": ["sign"],
     "randk50_sign": [RANDK(0.5), "sign"],
+    "lowrank16_int4": [LOWRANK(16), "int4"],
 }
 
 
