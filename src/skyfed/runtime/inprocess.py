@@ -53,11 +53,15 @@ class SimulatedTransport(Transport):
         return reason is None
 
     def send(self, client: str, task: TrainTask) -> None:
-        result = self.clients[client].handle(task)
-        arrival = self._now
+        self._schedule(client, task, self.clients[client].handle(task), self._now)
+
+    def _schedule(self, client: str, task: TrainTask, result: ClientResult, sent_s: float) -> None:
+        """Queue `result` for arrival after its simulated download, compute and upload,
+        starting at `sent_s` or when the client is free; bills the transfers."""
+        arrival = sent_s
         net = self.network
         if net is not None:
-            start = max(self._now, self._busy_until.get(client, 0.0))
+            start = max(sent_s, self._busy_until.get(client, 0.0))
             up_bytes = len(result.payload) if result.payload is not None else 0
             timing = Timing(
                 download_s=net.download_s(client, len(task.payload)),
