@@ -166,6 +166,9 @@ class ExperimentConfig(Section):
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None = torch's default
+    # Simulation only: train the clients in this many worker processes (1 = in this
+    # process); each worker gets max(1, threads // workers) torch threads (docs/foundation.md).
+    workers: int = Field(1, ge=1)
     out_dir: str = "runs"
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()

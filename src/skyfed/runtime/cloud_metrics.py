@@ -26,6 +26,7 @@ class CloudAccounting:
         self._round_start = self.transport.now()
 
     def round_end(self, round: int, record: dict[str, Any], outcome: Any) -> dict[str, Any]:
+        self.transport.settle()  # bill what was sent before this line, as sequentially
         agg = self.aggregation_s if self.aggregation_s is not None else float(record.get("aggregate_s", 0.0))
         self.transport.elapse(agg)
         now = self.transport.now()
@@ -50,6 +51,7 @@ class CloudAccounting:
 
     def summary(self) -> dict[str, Any]:
         """Fields for summary.json."""
+        self.transport.settle()
         return {
             "sim_time_s": self.transport.now(),
             "egress_bytes": dict(self.network.egress_bytes),

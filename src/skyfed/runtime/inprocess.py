@@ -15,6 +15,7 @@ results arrive in the order they were sent.
 from __future__ import annotations
 
 import heapq
+from collections import deque
 import logging
 
 from skyfed.clouds import CloudNetwork, Timing
@@ -77,6 +78,9 @@ class SimulatedTransport(Transport):
         heapq.heappush(self._queue, (arrival, self._seq, result))
         self._seq += 1
 
+    def settle(self) -> None:
+        """Schedule (and bill) every result sent so far; `send` already did it here."""
+
     def receive(self, timeout: float | None = None) -> ClientResult | None:
         if self._queue and (timeout is None or self._queue[0][0] <= self._now + timeout):
             arrival, _, result = heapq.heappop(self._queue)
@@ -89,6 +93,46 @@ class SimulatedTransport(Transport):
     def in_flight(self) -> int:
         """Results sent but not yet received."""
         return len(self._queue)
+
+
+class ParallelTransport(SimulatedTransport):
+    """The simulated transport with the clients in worker processes (`workers` > 1,
+    skyfed.runtime.workers): `send` submits without waiting, so the clients of a round
+    train in parallel; before a `receive`, the pending results are collected and
+    scheduled in send order, each from the clock at its send, exactly as sequentially."""
+
+    def __init__(self, pool, names: list[str], network: CloudNetwork | None = None, on_step=None, start_s: float = 0.0):
+        super().__init__([], network, start_s)
+        self.pool = pool  # skyfed.runtime.workers.WorkerPool
+        self.names = list(names)
+        self.on_step = on_step  # replays the local steps a worker reported, when collected
+        self._pending: deque[tuple[str, TrainTask, float]] = deque()
+
+    def client_names(self) -> list[str]:
+        return list(self.names)
+
+    def send(self, client: str, task: TrainTask) -> None:
+        self.pool.submit(client, task)
+        self._pending.append((client, task, self._now))
+
+    def settle(self) -> None:
+        while self._pending:
+            client, task, sent_s = self._pending.popleft()
+            result, steps = self.pool.result(client)
+            if self.on_step is not None:
+                for step in steps:
+                    self.on_step(*step)
+            self._schedule(client, task, result, sent_s)
+
+    def receive(self, timeout: float | None = None) -> ClientResult | None:
+        self.settle()
+        return super().receive(timeout)
+
+    def in_flight(self) -> int:
+        return len(self._pending) + super().in_flight()
+
+    def close(self) -> None:
+        self.pool.close()
 
 
 InProcessTransport = SimulatedTransport  # the name the foundation used

@@ -1,4 +1,5 @@
-"""Run a whole federated experiment in one process: the clients are objects.
+"""Run a whole federated experiment on one machine: the clients are objects in this
+process, or in `workers` worker processes (skyfed.runtime.workers).
 
     skyfed run                       # the default three-cloud experiment
     skyfed run --preset smoke        # seconds
@@ -19,7 +20,7 @@ from skyfed.model import federated_parameter_names, num_parameters
 from skyfed.runtime.finish import build_summary, save_hf_model
 from skyfed.clouds import network_from_config
 from skyfed.runtime.cloud_metrics import CloudAccounting
-from skyfed.runtime.inprocess import SimulatedTransport
+from skyfed.runtime.inprocess import ParallelTransport, SimulatedTransport
 from skyfed.runtime.setup import apply_threads, device_for, make_client, make_evaluator, new_model, prepare_data
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,36 @@ def run_simulation(
     data = prepare_data(cfg)
     if data.partition is not None:
         run.write_json("partition.json", data.partition.stats)
+    transport = make_transport(cfg, data, device, network, emit)
+    try:
+        return _train(cfg, run, data, device, strategy, network, transport, emit, started)
+    finally:
+        transport.close()
+
+
+def make_transport(cfg: ExperimentConfig, data, device, network, emit: EventSink) -> SimulatedTransport:
+    """The clients, as objects here (`workers` 1) or in worker processes."""
+    def on_step(name: str, step: int, steps: int, loss: float) -> None:
+        emit("local_step", {"client": name, "step": step, "steps": steps, "loss": loss})
+
+    specs = cfg.federation.clients
+    if cfg.workers > 1:
+        from skyfed.runtime.workers import ClientInit, WorkerPool
+
+        inits = [ClientInit(s.name, i, data.client_tokens[s.name]) for i, s in enumerate(specs)]
+        emit("status", {"message": f"starting {min(cfg.workers, len(specs))} client worker processes"})
+        return ParallelTransport(WorkerPool(cfg, inits, data.tokenizer, cfg.workers), [s.name for s in specs], network, on_step)
     clients = []
-    for i, spec in enumerate(cfg.federation.clients):
+    for i, spec in enumerate(specs):
         client = make_client(cfg, spec.name, i, data.client_tokens[spec.name], data.tokenizer, device)
-        client.on_step = lambda name, step, steps, loss: emit("local_step", {"client": name, "step": step, "steps": steps, "loss": loss})
+        client.on_step = on_step
         clients.append(client)
+    return SimulatedTransport(clients, network)
+
+
+def _train(cfg, run, data, device, strategy, network, transport, emit, started) -> tuple[RunDir, dict[str, Any]]:
+    strat = cfg.federation.strategy
+    client_tokens = {name: len(data.client_tokens[name]) for name in transport.client_names()}
     model = new_model(cfg, data.tokenizer).to(device)
     evaluator = make_evaluator(cfg, data.valid.tokens, device)
     if needs_server_eval(strat.name, strat.params):
@@ -61,14 +87,13 @@ def run_simulation(
         strategy = build_strategy(strat.name, strat.params, evaluate_params=evaluator_fn)
     if network is not None:
         network.num_params = num_parameters(model)
-    transport = SimulatedTransport(clients, network)
     engine = Engine(cfg, transport, model, federated_parameter_names(model), strategy, evaluator, run, emit)
     accounting = CloudAccounting(transport, network, cfg.clouds.aggregation_s) if network is not None else None
     if accounting is not None:
         engine.observers.append(accounting)
     emit("start", {
-        "rounds": cfg.federation.rounds, "clients": [c.name for c in clients], "params": num_parameters(model),
-        "client_tokens": {c.name: c.num_tokens for c in clients}, "run_dir": str(run.path),
+        "rounds": cfg.federation.rounds, "clients": list(client_tokens), "params": num_parameters(model),
+        "client_tokens": client_tokens, "run_dir": str(run.path),
     })
     engine.run()
     emit("status", {"message": "final evaluation on the whole validation split"})
@@ -78,8 +103,9 @@ def run_simulation(
         "mode": "federated",
         "strategy": cfg.federation.strategy.name,
         "params": num_parameters(model),
-        "client_tokens": {c.name: c.num_tokens for c in clients},
+        "client_tokens": client_tokens,
         "device": str(device),
+        "workers": cfg.workers,
         **(accounting.summary() if accounting is not None else {}),
     })
     run.write_summary(summary)
