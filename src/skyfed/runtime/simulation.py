@@ -66,7 +66,8 @@ def make_transport(cfg: ExperimentConfig, data, device, network, emit: EventSink
 
         inits = [ClientInit(s.name, i, data.client_tokens[s.name]) for i, s in enumerate(specs)]
         emit("status", {"message": f"starting {min(cfg.workers, len(specs))} client worker processes"})
-        return ParallelTransport(WorkerPool(cfg, inits, data.tokenizer, cfg.workers), [s.name for s in specs], network, on_step)
+        pool = WorkerPool(cfg, inits, data.tokenizer, cfg.workers)
+        return ParallelTransport(pool, [s.name for s in specs], network, on_step)
     clients = []
     for i, spec in enumerate(specs):
         client = make_client(cfg, spec.name, i, data.client_tokens[spec.name], data.tokenizer, device)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import queue
+import signal
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -47,8 +48,9 @@ def worker_threads(cfg: ExperimentConfig, workers: int) -> int:
     return max(1, (cfg.threads or torch.get_num_threads()) // workers)
 
 
-def _serve(tasks, results, cfg: ExperimentConfig, inits: list[ClientInit], tokenizer, threads: int, build: Callable) -> None:
+def _serve(tasks, results, cfg: ExperimentConfig, inits: list[ClientInit], tokenizer, threads: int, build: Callable):
     """A worker's main loop: build the clients, then handle tasks until a None arrives."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
     try:
         from skyfed.runtime.setup import device_for
 
@@ -64,7 +66,7 @@ def _serve(tasks, results, cfg: ExperimentConfig, inits: list[ClientInit], token
         results.put(("error", f"building clients failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         return
     results.put(("ready", None))
-    while (msg := tasks.get()) is not None:
+    while (msg := _next(tasks)) is not None:
         name, task = msg
         steps.clear()
         try:
@@ -73,6 +75,18 @@ def _serve(tasks, results, cfg: ExperimentConfig, inits: list[ClientInit], token
             results.put(("error", f"client {name} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
             return
         results.put(("ok", (result, list(steps))))
+    results.cancel_join_thread()  # stopping: results the parent no longer reads must not keep us alive
+
+
+def _next(tasks) -> Any:
+    """The next task, or None once the parent asks us to stop or is gone (killed)."""
+    parent = mp.parent_process()
+    while True:
+        try:
+            return tasks.get(timeout=1.0)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                return None
 
 
 class WorkerPool:
