@@ -10,13 +10,16 @@ of rounds: synchronous and asynchronous engines both drive it.
 
 Without a network every transfer and computation takes zero simulated time and
 results arrive in the order they were sent.
+
+`ParallelTransport` keeps the clients in worker processes (`workers` > 1) and schedules
+their results with the same code, so the clock and the bill are the same.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import deque
 import logging
+from collections import deque
 
 from skyfed.clouds import CloudNetwork, Timing
 from skyfed.federation.client import FederatedClient

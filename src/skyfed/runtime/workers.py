@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import pickle
 import queue
 import signal
 import traceback
@@ -63,19 +64,25 @@ def _serve(tasks, results, cfg: ExperimentConfig, inits: list[ClientInit], token
             client.on_step = lambda *step: steps.append(step)
             clients[init.name] = client
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
-        results.put(("error", f"building clients failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        _report(results, f"building clients failed: {type(exc).__name__}: {exc}")
         return
     results.put(("ready", None))
     while (msg := _next(tasks)) is not None:
-        name, task = msg
+        name, task = pickle.loads(msg)
         steps.clear()
         try:
             result = clients[name].handle(task)
         except BaseException as exc:  # noqa: BLE001
-            results.put(("error", f"client {name} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+            _report(results, f"client {name} failed: {type(exc).__name__}: {exc}")
             return
         results.put(("ok", (result, list(steps))))
     results.cancel_join_thread()  # stopping: results the parent no longer reads must not keep us alive
+
+
+def _report(results, message: str) -> None:
+    """The traceback to this worker's stderr, one line to the parent (a SkyfedError there)."""
+    traceback.print_exc()
+    results.put(("error", message))
 
 
 def _next(tasks) -> Any:
@@ -125,7 +132,8 @@ class WorkerPool:
 
     def submit(self, client: str, task: TrainTask) -> None:
         """Queue a task for the worker that owns `client`; does not wait."""
-        self._tasks[self.owner[client]].put((client, task))
+        # Pickled now: a Queue pickles in a background thread, after the caller moved on.
+        self._tasks[self.owner[client]].put(pickle.dumps((client, task), pickle.HIGHEST_PROTOCOL))
 
     def result(self, client: str) -> tuple[ClientResult, list[Step]]:
         """The next result of `client`'s worker (results come in submission order) and
