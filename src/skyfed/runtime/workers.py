@@ -167,6 +167,9 @@ class WorkerPool:
             if proc.is_alive():
                 proc.terminate()
                 proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
         for q in self._tasks + self._results:
             q.cancel_join_thread()  # a dead worker never read its queue: do not wait on it
             q.close()
