@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -290,7 +291,7 @@ def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> None:
 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 70), fontsize=10)  # long titles wrap instead of running off the figure
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
