@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "PYTHONPATH=src python bench/vs_flower.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "flwr": flwr_version, "threads_per_side": args.threads,
-                    "note": "shared machine (other jobs running): timings are noisy"},
+                    "load_average_1_5_15": os.getloadavg()},  # near the side count when nothing else runs
         "order": "flower first" if args.flower_first else "skyfed first",
         "setup": {"model": cfg.model.preset, "params": sum(int(np.prod(t.shape)) for t in _param_shapes(cfg, data)),
                   "clients": len(data.client_tokens), "rounds": args.rounds, "local_steps": args.steps,
