@@ -53,11 +53,14 @@ class Chain:
     def salted(self, salt: int) -> "Chain":
         return Chain([c.salted(salt) for c in self.codecs])
 
+    def for_shape(self, shape: tuple[int, ...]) -> list[Codec]:
+        """The codecs for one tensor of `shape` (the first codec may depend on it)."""
+        return [self.codecs[0].for_shape(tuple(shape)), *self.codecs[1:]] if self.codecs else []
+
     def nbytes(self, n: int, shape: tuple[int, ...] | None = None) -> int:
         """Encoded bytes of one tensor of `n` values (per-tensor scope), by the formulas."""
         total = 0
-        for i, c in enumerate(self.codecs):
-            c = c.for_shape(shape or (n,)) if i == 0 else c
+        for c in self.for_shape(shape or (n,)):
             total += c.nbytes(n)
             n = c.carry_numel(n)
         return total + 4 * n  # an unencoded carry travels as float32
@@ -71,8 +74,7 @@ class Chain:
         flats = {k: v.reshape(-1) for k, v in tensors.items()}
         hints = self.codecs[0].prepare(flats)
         for key, x in flats.items():
-            for i, c in enumerate(self.codecs):
-                c = c.for_shape(tuple(tensors[key].shape)) if i == 0 else c
+            for i, c in enumerate(self.for_shape(tensors[key].shape)):
                 parts = c.encode(x, key, hints.get(key) if i == 0 else None)
                 carry = parts.pop(c.carry) if c.carry is not None else None
                 out.update({f"{key}{SEP}{i}.{p}": t for p, t in parts.items()})
@@ -106,7 +108,7 @@ class Chain:
         for key, spec in expected.items():
             stages = grouped[key]
             sizes, n = [], int(torch.Size(spec.shape).numel())
-            codecs = [self.codecs[0].for_shape(tuple(spec.shape)), *self.codecs[1:]]
+            codecs = self.for_shape(spec.shape)
             for i, c in enumerate(codecs):  # validate forward
                 where = f"{what}: tensor {key!r} ({c.name})"
                 p = stages.get(i, {})
