@@ -51,20 +51,28 @@ def tensors_crc(tensors: dict[str, torch.Tensor]) -> int:
 
 
 class Uplink:
-    def __init__(self, chain: Chain | None = None, error_feedback: bool = True):
+    def __init__(self, chain: Chain | None = None, error_feedback: bool = True, residual_in_model: bool = False):
         self.chain = chain or Chain([])
-        self.feedback = ErrorFeedback() if (error_feedback and self.chain and not self.chain.lossless) else None
+        lossy = bool(self.chain) and not self.chain.lossless
+        self.feedback = ErrorFeedback(residual_in_model) if (error_feedback and lossy) else None
 
     @classmethod
     def from_config(cls, cfg: Any | None) -> "Uplink":
         if cfg is None:
             return cls()
-        return cls(Chain.from_specs(cfg.uplink), cfg.error_feedback)
+        return cls(Chain.from_specs(cfg.uplink), cfg.error_feedback, cfg.residual_in_model)
 
-    def encode(self, tensors: dict[str, torch.Tensor], salt: int, **header: Any) -> bytes:
+    def start_point(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model to train from (see ErrorFeedback.start_point)."""
+        return params if self.feedback is None else self.feedback.start_point(params)
+
+    def encode(self, tensors: dict[str, torch.Tensor], salt: int, from_start_point: bool = False, **header: Any) -> bytes:
+        """`from_start_point`: `tensors` is the change from `start_point(...)`, which
+        already holds the residual when it lives in the model."""
         chain = self.chain.salted(salt)
         if self.feedback is not None:
-            parts, _ = self.feedback.encode(tensors, chain)
+            compensate = not (from_start_point and self.feedback.in_model)
+            parts, _ = self.feedback.encode(tensors, chain, compensate)
         else:
             parts = chain.encode(tensors)
         return pack_parts(parts, chain, **header)

@@ -7,6 +7,14 @@ sent and the new residual equals the compensated input exactly: for sparsifiers 
 kept values are copies and the dropped ones move whole to the residual; for casts and
 nearest-rounding quantizers the subtraction is exact in fp32 (Sterbenz's lemma: the
 decoded value lies within a factor of two of the input, or is zero).
+
+With ``in_model`` (the default for a client's uplink) the residual also stays in the
+sender's model: the client trains from the global model plus the progress it has not
+sent yet (``params - residual``, updates being ``start - end``), so its next update
+already contains the residual and is sent without adding it again. Classic error
+feedback instead restarts from the global model, so local training re-learns part of
+what is still waiting in the residual, and that part then travels twice. This is the
+"error reset" of CSER (Xie et al. 2020), which applies the residual to the local model.
 """
 
 from __future__ import annotations
@@ -20,8 +28,16 @@ from skyfed.compression.wire import spec_of
 class ErrorFeedback:
     """Per-sender residual memory for one stream of messages (e.g. one client's uplink)."""
 
-    def __init__(self) -> None:
+    def __init__(self, in_model: bool = False) -> None:
         self.residual: dict[str, torch.Tensor] = {}
+        self.in_model = in_model
+
+    def start_point(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model a client trains from: the global `params`, minus the unsent residual
+        when the residual lives in the model (updates are ``start - end``)."""
+        if not self.in_model or not self.residual:
+            return params
+        return {k: (v - self.residual[k] if k in self.residual else v) for k, v in params.items()}
 
     def compensate(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """x + residual (a new dict; the input is not modified)."""
@@ -31,11 +47,14 @@ class ErrorFeedback:
         """Remember what the receiver will not see: compensated - sent."""
         self.residual = {k: compensated[k] - sent[k] for k in compensated}
 
-    def encode(self, tensors: dict[str, torch.Tensor], chain: Chain) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Compensate, encode, decode locally and update the residual.
+    def encode(
+        self, tensors: dict[str, torch.Tensor], chain: Chain, compensate: bool = True
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Compensate (unless the residual is already inside `tensors`), encode, decode
+        locally and update the residual.
 
         Returns (encoded parts, decoded tensors as the receiver will see them)."""
-        compensated = self.compensate(tensors)
+        compensated = self.compensate(tensors) if compensate else {k: v.to(torch.float32) for k, v in tensors.items()}
         parts = chain.encode(compensated)
         sent = chain.decode(parts, spec_of(compensated), "error feedback")
         self.update(compensated, sent)

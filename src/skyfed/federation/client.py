@@ -72,7 +72,6 @@ class FederatedClient:
         except WireFormatError as exc:
             log.error("client %s: rejected the global model of round %d: %s", self.name, task.round, exc)
             return ClientResult(self.name, task.round, task.version, None, error=str(exc))
-        set_params(self.trainer.model, params)
         rng = np.random.default_rng([self.seed, task.round])
         torch.manual_seed(int(rng.integers(2**31)))
         callback = None
@@ -80,7 +79,9 @@ class FederatedClient:
             callback = lambda step, loss: self.on_step(self.name, step, task.steps, loss)  # noqa: E731
         train_tokens, holdout = self.split_holdout(int(task.options.get("holdout_tokens", 0)))
         if task.options.get("send") == "gradient":  # FedSGD: the gradient, not a local step
+            set_params(self.trainer.model, params)
             return self._gradient_result(task, params, train_tokens, rng)
+        set_params(self.trainer.model, self.uplink.start_point(params))  # + unsent progress
         stats = self.trainer.train(
             train_tokens, task.steps, rng, prox_mu=float(task.options.get("prox_mu", 0.0)), on_step=callback
         )
@@ -89,9 +90,10 @@ class FederatedClient:
             cfg = self.trainer.cfg
             holdout_loss = evaluate(self.trainer.model, holdout, cfg.seq_len, cfg.batch_size, self.trainer.device).loss
         end = get_params(self.trainer.model, self.param_names)
-        delta = {n: params[n] - end[n] for n in self.param_names}  # theta_start - theta_end
+        delta = {n: params[n] - end[n] for n in self.param_names}  # theta_global - theta_end
         payload = self.uplink.encode(
-            delta, mix_seed(self.seed, task.round), kind="update", round=task.round, client=self.name, base_version=task.version
+            delta, mix_seed(self.seed, task.round), from_start_point=True,
+            kind="update", round=task.round, client=self.name, base_version=task.version,
         )
         return ClientResult(
             client=self.name,
