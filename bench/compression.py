@@ -58,6 +58,12 @@ RUNS: dict[str, dict[str, Any]] = {
     # one direction only (the other plain fp32), to separate the two directions' costs
     "up_lowrank16_int4": {"uplink": [LOWRANK(16), "int4"], "downlink": []},
     "down_lowrank16_int4": {"uplink": [], "downlink": [LOWRANK(16), "int4"]},
+    # a lower uplink rank than downlink rank: the downlink carries the mean of K uplinks
+    "up12_down16_int4": {"uplink": [LOWRANK(12), "int4"], "downlink": [LOWRANK(16), "int4"]},
+    "up10_down18_int4": {"uplink": [LOWRANK(10), "int4"], "downlink": [LOWRANK(18), "int4"]},
+    # classic error feedback: the client restarts from the global model each round
+    "lowrank16_int4_classic_ef": {"uplink": [LOWRANK(16), "int4"], "downlink": [LOWRANK(16), "int4"], "residual_in_model": False},
+    "topk1_classic_ef": {"uplink": [TOPK(0.01)], "downlink": [TOPK(0.01)], "residual_in_model": False},
 }
 DEFAULT_RUNS = ["fp32", "int8", "int4", "topk10", "topk10_noef", "topk1", "topk1_noef", "topk1_int8", "lowrank12_int4", "lowrank16_int4"]
 
@@ -98,11 +104,14 @@ def run_experiments(args: argparse.Namespace, results: dict[str, Any], save) -> 
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             _, summary = run_simulation(cfg, Path(tmp) / name)
+            lines = (Path(tmp) / name / "metrics.jsonl").read_text().splitlines()
+        curve = [m["val_ppl"] for m in map(json.loads, lines) if "val_ppl" in m]
         tot = summary["total"]
         rows[name] = {
             "compression": RUNS[name], "val_ppl": summary["final"]["val_ppl"], "bytes_up": tot["bytes_up"],
             "bytes_down": tot["bytes_down"], "bytes": tot["bytes"], "compression_ratio_up": tot.get("compression_ratio_up"),
             "compression_ratio_down": tot.get("compression_ratio_down"), "wall_s": time.perf_counter() - t0,
+            "val_ppl_by_round": curve,
         }
         base = rows["fp32"]
         for row in rows.values():

@@ -53,6 +53,13 @@ class Chain:
     def salted(self, salt: int) -> "Chain":
         return Chain([c.salted(salt) for c in self.codecs])
 
+    def adapted(self, tensors: dict[str, torch.Tensor]) -> "Chain":
+        """The chain for this message: a first codec that adapts to the data (lowrank
+        with `energy`) picks its parameters here, so the header records them."""
+        if not self.codecs or not hasattr(self.codecs[0], "adapted"):
+            return self
+        return Chain([self.codecs[0].adapted(tensors), *self.codecs[1:]])
+
     def for_shape(self, shape: tuple[int, ...]) -> list[Codec]:
         """The codecs for one tensor of `shape` (the first codec may depend on it)."""
         return [self.codecs[0].for_shape(tuple(shape)), *self.codecs[1:]] if self.codecs else []

@@ -71,9 +71,12 @@ class Uplink:
         already holds the residual when it lives in the model."""
         chain = self.chain.salted(salt)
         if self.feedback is not None:
-            compensate = not (from_start_point and self.feedback.in_model)
-            parts, _ = self.feedback.encode(tensors, chain, compensate)
+            if not (from_start_point and self.feedback.in_model):
+                tensors = self.feedback.compensate(tensors)
+            chain = chain.adapted(tensors)
+            parts, _ = self.feedback.encode(tensors, chain, compensate=False)
         else:
+            chain = chain.adapted(tensors)
             parts = chain.encode(tensors)
         return pack_parts(parts, chain, **header)
 
@@ -119,7 +122,7 @@ class Downlink:
         else:
             held = self.held[base]
             chain, tensors, kind = self.chain, {n: params[n] - held[n] for n in params}, "model_delta"
-        chain = chain.salted(mix_seed(round, base or 0))
+        chain = chain.salted(mix_seed(round, base or 0)).adapted(tensors)
         parts = chain.encode(tensors)
         tag = None
         if self.delta:
