@@ -232,30 +232,19 @@ def test_lowrank_keeps_small_matrices_whole_and_must_come_first():
     assert "shape" not in build_codec("lowrank").for_shape((3, 4)).spec()
 
 
-@pytest.mark.parametrize("energy,rank", [(0.59, 1), (0.599, 1), (0.601, 2), (0.859, 2), (0.861, 3), (1.0, 3)])
-def test_lowrank_energy_picks_the_smallest_rank_keeping_that_share(energy, rank):
-    # one rank for the whole message: the top-r squared singular values of both matrices
-    # keep 0.6 (r = 1), 0.86 (r = 2) and 1.0 (r = 3) of the energy
-    a = _low_rank_matrix(120, 40, [math.sqrt(0.4), math.sqrt(0.2), math.sqrt(0.1)], seed=2)
-    b = _low_rank_matrix(50, 30, [math.sqrt(0.2), math.sqrt(0.06), math.sqrt(0.04)], seed=3)
-    t = {"a": a, "b": b, "bias": torch.full((40,), 9.0)}  # vectors do not count
-    chain = Chain.from_specs([{"name": "lowrank", "rank": 8, "energy": energy}]).adapted(t)
-    assert chain.codecs[0].rank == rank
-    parts = chain.encode(t)
-    assert parts["a::0.factors"].numel() == rank * 160 and parts["b::0.factors"].numel() == rank * 80
-    out = chain.decode(parts, spec_of(t), "test")
-    err = float((out["a"] - a).norm() ** 2 + (out["b"] - b).norm() ** 2)
-    assert err == pytest.approx(1.0 - [0.6, 0.86, 1.0][rank - 1], abs=1e-5)
-
-
-def test_lowrank_energy_is_capped_by_rank_and_validated():
-    t = {"w": _low_rank_matrix(100, 50, [1.0] * 10)}
-    assert Chain.from_specs([{"name": "lowrank", "rank": 3, "energy": 0.99}]).adapted(t).codecs[0].rank == 3
-    assert Chain.from_specs([{"name": "lowrank", "rank": 3, "energy": 0.5}]).adapted({"w": torch.zeros(100, 50)}).codecs[0].rank == 1
-    assert Chain.from_specs([{"name": "lowrank", "rank": 3}]).adapted(t).codecs[0].rank == 3  # no energy: fixed
-    for bad in (0.0, 1.5, "most"):
-        with pytest.raises(CodecError, match="lowrank.energy"):
-            Chain.from_specs([{"name": "lowrank", "energy": bad}])
+def test_lowrank_rank_by_round_sets_each_rounds_rank_and_the_last_repeats():
+    w = _low_rank_matrix(120, 40, [1.0, 0.5, 0.25, 0.125], seed=2)
+    chain = Chain.from_specs([{"name": "lowrank", "rank": 16, "rank_by_round": [1, 3]}])
+    for rnd, rank in [(0, 1), (1, 3), (7, 3)]:
+        c = chain.for_round(rnd)
+        parts = c.encode({"w": w})
+        assert c.codecs[0].rank == rank and parts["w::0.factors"].numel() == rank * 160
+        out = c.decode(parts, spec_of({"w": w}), "test")
+        assert float((out["w"] - w).norm() ** 2) == pytest.approx(sum(s * s for s in [1.0, 0.5, 0.25, 0.125][rank:]), rel=1e-4)
+    assert Chain.from_specs([{"name": "lowrank", "rank": 5}]).for_round(3).codecs[0].rank == 5  # no schedule: fixed
+    for bad in ([0], "8,16", [2.5]):
+        with pytest.raises(CodecError, match="rank_by_round"):
+            Chain.from_specs([{"name": "lowrank", "rank_by_round": bad}])
 
 
 def test_topk_then_int8_quantizes_kept_values():

@@ -72,12 +72,15 @@ def test_uplink_payload_decodes_to_what_feedback_counted_as_sent():
         assert torch.equal(got[k] + up.feedback.residual[k], x[k])
 
 
-def test_uplink_records_the_rank_that_energy_picked_and_the_receiver_decodes_it():
+def test_uplink_records_the_rounds_rank_and_the_receiver_decodes_it():
     g = torch.Generator().manual_seed(5)
-    x = {"w": torch.randn(256, 4, generator=g) @ torch.randn(4, 64, generator=g) + 1e-3 * torch.randn(256, 64, generator=g)}
-    up = Uplink(Chain.from_specs([{"name": "lowrank", "rank": 32, "energy": 0.99}, "int8"]), True)
-    payload = up.encode(x, salt=1, kind="update", round=0)
-    got, header = decode_payload(payload, spec_of(x))
-    assert header["codecs"][0]["rank"] == 4 and header["codecs"][0]["energy"] == 0.99
-    ulp = torch.finfo(torch.float32).eps * x["w"].abs().clamp_min(got["w"].abs())
-    assert bool(((got["w"] + up.feedback.residual["w"] - x["w"]).abs() <= ulp).all())  # what was counted as sent
+    x = {"w": torch.randn(256, 64, generator=g)}
+    for rnd, rank in [(0, 2), (2, 6), (9, 6)]:
+        up = Uplink(Chain.from_specs([{"name": "lowrank", "rank": 32, "rank_by_round": [2, 4, 6]}, "int8"]), True)
+        payload = up.encode(x, salt=1, kind="update", round=rnd)
+        got, header = decode_payload(payload, spec_of(x))
+        assert header["codecs"][0]["rank"] == rank and header["codecs"][0]["rank_by_round"] == [2, 4, 6]
+        assert header["codecs"][1]["name"] == "int8"
+        ulp = torch.finfo(torch.float32).eps * x["w"].abs().clamp_min(got["w"].abs())
+        assert bool(((got["w"] + up.feedback.residual["w"] - x["w"]).abs() <= ulp).all())  # counted as sent
+        assert len(payload) < 1024 + rank * (256 + 64) + 4 * rank * (256 + 64) // 256 + 8  # r (m + c) int8 values

@@ -53,12 +53,11 @@ class Chain:
     def salted(self, salt: int) -> "Chain":
         return Chain([c.salted(salt) for c in self.codecs])
 
-    def adapted(self, tensors: dict[str, torch.Tensor]) -> "Chain":
-        """The chain for this message: a first codec that adapts to the data (lowrank
-        with `energy`) picks its parameters here, so the header records them."""
-        if not self.codecs or not hasattr(self.codecs[0], "adapted"):
+    def for_round(self, round: int) -> "Chain":
+        """The chain for one round's messages (a first codec may depend on the round)."""
+        if not self.codecs or not hasattr(self.codecs[0], "for_round"):
             return self
-        return Chain([self.codecs[0].adapted(tensors), *self.codecs[1:]])
+        return Chain([self.codecs[0].for_round(round), *self.codecs[1:]])
 
     def for_shape(self, shape: tuple[int, ...]) -> list[Codec]:
         """The codecs for one tensor of `shape` (the first codec may depend on it)."""

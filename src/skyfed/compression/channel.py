@@ -69,14 +69,11 @@ class Uplink:
     def encode(self, tensors: dict[str, torch.Tensor], salt: int, from_start_point: bool = False, **header: Any) -> bytes:
         """`from_start_point`: `tensors` is the change from `start_point(...)`, which
         already holds the residual when it lives in the model."""
-        chain = self.chain.salted(salt)
+        chain = self.chain.salted(salt).for_round(int(header.get("round", 0)))
         if self.feedback is not None:
-            if not (from_start_point and self.feedback.in_model):
-                tensors = self.feedback.compensate(tensors)
-            chain = chain.adapted(tensors)
-            parts, _ = self.feedback.encode(tensors, chain, compensate=False)
+            compensate = not (from_start_point and self.feedback.in_model)
+            parts, _ = self.feedback.encode(tensors, chain, compensate)
         else:
-            chain = chain.adapted(tensors)
             parts = chain.encode(tensors)
         return pack_parts(parts, chain, **header)
 
@@ -122,7 +119,7 @@ class Downlink:
         else:
             held = self.held[base]
             chain, tensors, kind = self.chain, {n: params[n] - held[n] for n in params}, "model_delta"
-        chain = chain.salted(mix_seed(round, base or 0)).adapted(tensors)
+        chain = chain.salted(mix_seed(round, base or 0)).for_round(round)
         parts = chain.encode(tensors)
         tag = None
         if self.delta:

@@ -423,10 +423,11 @@ class LowRank(Codec):
     within one vector). Vectors, and matrices too small to gain, travel whole as the
     carry. With error feedback, what the rank cut drops is sent in later rounds.
 
-    With `energy`, each message uses the smallest rank (at most `rank`) whose singular
-    values keep that fraction of its matrices' total energy (sum of squared values):
-    early updates are close to low rank and cost little, later ones get more rank. The
-    chosen rank is recorded in the message's header, so decoding is unchanged.
+    `rank_by_round` ([r0, r1, ...], the last repeating) sets the rank of each round's
+    messages: early updates are close to low rank (the first update of the embedding is
+    95% rank one), later ones are flatter and their residuals must be delivered before the
+    run ends, so a rising schedule spends the bytes where they count. The round's rank is
+    recorded in the message's header, so decoding is unchanged.
     """
 
     name: ClassVar[str] = "lowrank"
@@ -436,13 +437,16 @@ class LowRank(Codec):
     niter: int = 2
     exact_max: int = 1 << 22
     seed: int = 0
-    energy: float | None = None
+    rank_by_round: tuple[int, ...] = ()
     shape: tuple[int, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_int(self.rank, "lowrank.rank", 1)
-        if self.energy is not None:
-            _check_fraction(self.energy, "lowrank.energy")
+        if not isinstance(self.rank_by_round, (list, tuple)):
+            raise CodecError(f"lowrank.rank_by_round must be a list of ranks, got {self.rank_by_round!r}")
+        object.__setattr__(self, "rank_by_round", tuple(self.rank_by_round))
+        for r in self.rank_by_round:
+            _check_int(r, "lowrank.rank_by_round", 1)
         _check_int(self.niter, "lowrank.niter", 0, 16)
         _check_int(self.exact_max, "lowrank.exact_max", 1)
         _check_int(self.seed, "lowrank.seed", 0, 2**63 - 1)
@@ -455,32 +459,11 @@ class LowRank(Codec):
     def for_shape(self, shape: tuple[int, ...]) -> "LowRank":
         return dataclasses.replace(self, shape=tuple(int(d) for d in shape))
 
-    def adapted(self, tensors: dict[str, torch.Tensor]) -> "LowRank":
-        """With `energy`: this codec at the smallest rank keeping that share of the energy."""
-        if self.energy is None:
+    def for_round(self, round: int) -> "LowRank":
+        """This codec at the rank `rank_by_round` gives `round` (unchanged without one)."""
+        if not self.rank_by_round:
             return self
-        captured = torch.zeros(self.rank, dtype=torch.float64)
-        total = 0.0
-        for key, t in tensors.items():
-            mat = self.for_shape(tuple(t.shape))._matrix(t.numel())
-            if mat is None:
-                continue
-            rows, cols, r = mat
-            m = t.reshape(rows, cols).to(torch.float32)
-            if m.numel() <= self.exact_max:
-                s = torch.linalg.svdvals(m)[:r]
-            else:
-                gen = torch.Generator(device=m.device)
-                gen.manual_seed(key_seed(self.seed, key))
-                s = low_rank_factors(m, r, self.niter, self.exact_max, gen)[1]
-            energy = s.double().cpu() ** 2
-            captured[: len(energy)] += energy.cumsum(0)
-            captured[len(energy):] += energy.sum()
-            total += float(m.double().pow(2).sum())
-        if total == 0.0:
-            return dataclasses.replace(self, rank=1)
-        enough = (captured >= self.energy * total).nonzero()
-        return dataclasses.replace(self, rank=int(enough[0]) + 1 if len(enough) else self.rank)
+        return dataclasses.replace(self, rank=self.rank_by_round[min(round, len(self.rank_by_round) - 1)])
 
     def _matrix(self, n: int) -> tuple[int, int, int] | None:
         """(rows, cols, rank) when the factors are smaller than the tensor, else None."""
