@@ -34,7 +34,7 @@ import torch
 TOPK = lambda f: {"name": "topk", "fraction": f}  # noqa: E731
 RANDK = lambda f: {"name": "randk", "fraction": f}  # noqa: E731
 LOWRANK = lambda r: {"name": "lowrank", "rank": r}  # noqa: E731
-SCHEDULE = lambda *ranks: {"name": "lowrank", "rank": ranks[-1], "rank_by_round": list(ranks)}  # noqa: E731
+RAMP = {"name": "lowrank", "rank_by_round": [6, 8, 10, 12, 14, 16, 18, 20, 22]}  # the last repeats
 
 RUNS: dict[str, dict[str, Any]] = {
     "fp32": {},
@@ -63,7 +63,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "up12_down16_int4": {"uplink": [LOWRANK(12), "int4"], "downlink": [LOWRANK(16), "int4"]},
     "up10_down18_int4": {"uplink": [LOWRANK(10), "int4"], "downlink": [LOWRANK(18), "int4"]},
     # a rising rank: low early (updates close to low rank), high late (flatter updates)
-    "lowrank10to20_int4": {"uplink": [SCHEDULE(10, 10, 10, 10, 20), "int4"], "downlink": [SCHEDULE(10, 10, 10, 10, 20), "int4"]},
+    "lowrank6to22_int4": {"uplink": [RAMP, "int4"], "downlink": [RAMP, "int4"]},
     # classic error feedback: the client restarts from the global model each round
     "lowrank16_int4_classic_ef": {"uplink": [LOWRANK(16), "int4"], "downlink": [LOWRANK(16), "int4"], "residual_in_model": False},
     "topk1_classic_ef": {"uplink": [TOPK(0.01)], "downlink": [TOPK(0.01)], "residual_in_model": False},
