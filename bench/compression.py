@@ -34,7 +34,8 @@ import torch
 TOPK = lambda f: {"name": "topk", "fraction": f}  # noqa: E731
 RANDK = lambda f: {"name": "randk", "fraction": f}  # noqa: E731
 LOWRANK = lambda r: {"name": "lowrank", "rank": r}  # noqa: E731
-RAMP = {"name": "lowrank", "rank_by_round": [6, 8, 10, 12, 14, 16, 18, 20, 22]}  # the last repeats
+SCHEDULE = lambda *ranks: {"name": "lowrank", "rank_by_round": list(ranks)}  # noqa: E731  (the last repeats)
+RAMP = SCHEDULE(6, 8, 10, 12, 14, 16, 18, 20, 22)
 
 RUNS: dict[str, dict[str, Any]] = {
     "fp32": {},
@@ -64,6 +65,15 @@ RUNS: dict[str, dict[str, Any]] = {
     "up10_down18_int4": {"uplink": [LOWRANK(10), "int4"], "downlink": [LOWRANK(18), "int4"]},
     # a rising rank: low early (updates close to low rank), high late (flatter updates)
     "lowrank6to22_int4": {"uplink": [RAMP, "int4"], "downlink": [RAMP, "int4"]},
+    # other schedules and splits tried on the way (docs/compression.md)
+    **{f"lowrank{name}_int4": {"uplink": [SCHEDULE(*ranks), "int4"], "downlink": [SCHEDULE(*ranks), "int4"]} for name, ranks in {
+        "10to20": (10, 10, 10, 10, 20), "10to18": (10, 10, 10, 10, 18), "22to12": (22, 22, 22, 22, 12),
+        "2to28": (2, 4, 6, 8, 12, 16, 20, 24, 28), "4to22": (4, 6, 8, 10, 12, 14, 16, 18, 20, 22)}.items()},
+    "lowrank32_int4": {"uplink": [LOWRANK(32), "int4"], "downlink": [LOWRANK(32), "int4"]},
+    "lowrank16_int8": {"uplink": [LOWRANK(16), "int8"], "downlink": [LOWRANK(16), "int8"]},
+    "lowrank16_int4_noef": {"uplink": [LOWRANK(16), "int4"], "downlink": [LOWRANK(16), "int4"], "error_feedback": False},
+    "up16_down12_int4": {"uplink": [LOWRANK(16), "int4"], "downlink": [LOWRANK(12), "int4"]},
+    "up7_down21_int4": {"uplink": [LOWRANK(7), "int4"], "downlink": [LOWRANK(21), "int4"]},
     # classic error feedback: the client restarts from the global model each round
     "lowrank16_int4_classic_ef": {"uplink": [LOWRANK(16), "int4"], "downlink": [LOWRANK(16), "int4"], "residual_in_model": False},
     "topk1_classic_ef": {"uplink": [TOPK(0.01)], "downlink": [TOPK(0.01)], "residual_in_model": False},
