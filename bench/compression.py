@@ -60,24 +60,23 @@ RUNS: dict[str, dict[str, Any]] = {
     # one direction only (the other plain fp32), to separate the two directions' costs
     "up_lowrank16_int4": {"uplink": [LOWRANK(16), "int4"], "downlink": []},
     "down_lowrank16_int4": {"uplink": [], "downlink": [LOWRANK(16), "int4"]},
-    # a lower uplink rank than downlink rank: the downlink carries the mean of K uplinks
-    "up12_down16_int4": {"uplink": [LOWRANK(12), "int4"], "downlink": [LOWRANK(16), "int4"]},
-    "up10_down18_int4": {"uplink": [LOWRANK(10), "int4"], "downlink": [LOWRANK(18), "int4"]},
-    # a rising rank: low early (updates close to low rank), high late (flatter updates)
-    "lowrank6to22_int4": {"uplink": [RAMP, "int4"], "downlink": [RAMP, "int4"]},
-    # other schedules and splits tried on the way (docs/compression.md)
-    **{f"lowrank{name}_int4": {"uplink": [SCHEDULE(*ranks), "int4"], "downlink": [SCHEDULE(*ranks), "int4"]} for name, ranks in {
+    # a rising rank: low early (updates close to low rank), high late (flatter updates),
+    # with the residual kept in the client's model
+    "lowrank6to22_int4_rim": {"uplink": [RAMP, "int4"], "downlink": [RAMP, "int4"], "residual_in_model": True},
+    # other schedules and splits tried on the way (docs/compression.md), all _rim
+    **{f"lowrank{name}_int4_rim": {"uplink": [SCHEDULE(*ranks), "int4"], "downlink": [SCHEDULE(*ranks), "int4"], "residual_in_model": True}
+       for name, ranks in {
         "10to20": (10, 10, 10, 10, 20), "10to18": (10, 10, 10, 10, 18), "22to12": (22, 22, 22, 22, 12),
         "2to28": (2, 4, 6, 8, 12, 16, 20, 24, 28), "4to22": (4, 6, 8, 10, 12, 14, 16, 18, 20, 22)}.items()},
     "lowrank32_int4": {"uplink": [LOWRANK(32), "int4"], "downlink": [LOWRANK(32), "int4"]},
-    "lowrank16_int8": {"uplink": [LOWRANK(16), "int8"], "downlink": [LOWRANK(16), "int8"]},
     "lowrank16_int4_noef": {"uplink": [LOWRANK(16), "int4"], "downlink": [LOWRANK(16), "int4"], "error_feedback": False},
-    "up16_down12_int4": {"uplink": [LOWRANK(16), "int4"], "downlink": [LOWRANK(12), "int4"]},
-    "up7_down21_int4": {"uplink": [LOWRANK(7), "int4"], "downlink": [LOWRANK(21), "int4"]},
-    # classic error feedback: the client restarts from the global model each round
-    "lowrank16_int4_classic_ef": {"uplink": [LOWRANK(16), "int4"], "downlink": [LOWRANK(16), "int4"], "residual_in_model": False},
-    "topk1_classic_ef": {"uplink": [TOPK(0.01)], "downlink": [TOPK(0.01)], "residual_in_model": False},
 }
+# the residual kept in the client's model (`residual_in_model`), for the codecs measured both ways
+for _name in ("int8", "int4", "topk10", "topk1", "lowrank12_int4", "lowrank16_int4", "up_lowrank16_int4"):
+    RUNS[f"{_name}_rim"] = {**RUNS[_name], "residual_in_model": True}
+for _name, (_up, _down) in {"up12_down16": (12, 16), "up10_down18": (10, 18), "up16_down12": (16, 12), "up7_down21": (7, 21)}.items():
+    RUNS[f"{_name}_int4_rim"] = {"uplink": [LOWRANK(_up), "int4"], "downlink": [LOWRANK(_down), "int4"], "residual_in_model": True}
+RUNS["lowrank16_int8_rim"] = {"uplink": [LOWRANK(16), "int8"], "downlink": [LOWRANK(16), "int8"], "residual_in_model": True}
 DEFAULT_RUNS = ["fp32", "int8", "int4", "topk10", "topk10_noef", "topk1", "topk1_noef", "topk1_int8", "lowrank12_int4", "lowrank16_int4"]
 
 CODECS: dict[str, list[Any]] = {

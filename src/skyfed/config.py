@@ -148,8 +148,9 @@ class CompressionConfig(Section):
     uplink: list[str | dict[str, Any]] = []
     downlink: list[str | dict[str, Any]] = []
     error_feedback: bool = True  # uplink residuals for lossy chains
-    # the client trains from the global model minus its unsent residual (docs/compression.md)
-    residual_in_model: bool = True
+    # the client trains from the global model minus its unsent residual: much better with
+    # low rank, worse with top-k (docs/compression.md)
+    residual_in_model: bool = False
     downlink_delta: bool = True  # send the change since the model a client holds
 
     @field_validator("uplink", "downlink", mode="after")

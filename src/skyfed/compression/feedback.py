@@ -8,13 +8,14 @@ kept values are copies and the dropped ones move whole to the residual; for cast
 nearest-rounding quantizers the subtraction is exact in fp32 (Sterbenz's lemma: the
 decoded value lies within a factor of two of the input, or is zero).
 
-With ``in_model`` (the default for a client's uplink) the residual also stays in the
+With ``in_model`` (``compression.residual_in_model``) the residual also stays in the
 sender's model: the client trains from the global model plus the progress it has not
 sent yet (``params - residual``, updates being ``start - end``), so its next update
 already contains the residual and is sent without adding it again. Classic error
 feedback instead restarts from the global model, so local training re-learns part of
-what is still waiting in the residual, and that part then travels twice. This is the
-"error reset" of CSER (Xie et al. 2020), which applies the residual to the local model.
+what is still waiting in the residual, and that part then travels twice. CSER (Xie et
+al. 2020, "error reset") likewise keeps local models that differ by their residuals; it
+also resets them periodically, which skyfed does not.
 """
 
 from __future__ import annotations
