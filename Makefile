@@ -20,7 +20,7 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest
 
-# The paper's three experiments (46 runs, ~45 min on 2 cores) into runs/suite-paper/; docs/results.md.
+# The paper's three experiments (48 runs, ~45 min on 2 cores) into runs/suite-paper/; docs/results.md.
 paper: setup
 	$(BIN)/skyfed suite paper
 
