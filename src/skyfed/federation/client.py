@@ -81,7 +81,7 @@ class FederatedClient:
         if task.options.get("send") == "gradient":  # FedSGD: the gradient, not a local step
             set_params(self.trainer.model, params)
             return self._gradient_result(task, params, train_tokens, rng)
-        set_params(self.trainer.model, self.uplink.start_point(params))  # + unsent progress
+        set_params(self.trainer.model, self.uplink.start_point(params))  # global, or global - residual (residual_in_model)
         stats = self.trainer.train(
             train_tokens, task.steps, rng, prox_mu=float(task.options.get("prox_mu", 0.0)), on_step=callback
         )
