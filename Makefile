@@ -9,7 +9,7 @@ TORCH_PIN := torch==2.13.0
 
 $(BIN)/skyfed: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH_PIN) -e '.[test]'
+	$(BIN)/pip install -q $(TORCH_PIN) -e '.[dev]'
 	touch $@
 
 setup: $(BIN)/skyfed
