@@ -22,10 +22,10 @@ def add_commands(app: typer.Typer) -> None:
         listen: str = typer.Option("0.0.0.0:7443", "--listen", help="HOST:PORT to serve on"),
         preset: Optional[str] = typer.Option(None, "--preset", "-p", help="named experiment preset"),
         set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set federation.rounds=5"),
-        tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="server certificate (PEM)"),
-        tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="server private key (PEM)"),
-        client_ca: Optional[Path] = typer.Option(None, "--client-ca", help="CA that signs client certificates (mutual TLS)"),
-        tokens: Optional[Path] = typer.Option(None, "--tokens", help="per-client secrets: YAML 'name: token' lines"),
+        tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="server certificate (PEM)", envvar="SKYFED_TLS_CERT"),
+        tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="server private key (PEM)", envvar="SKYFED_TLS_KEY"),
+        client_ca: Optional[Path] = typer.Option(None, "--client-ca", help="CA that signs client certificates (mutual TLS)", envvar="SKYFED_CLIENT_CA"),
+        tokens: Optional[Path] = typer.Option(None, "--tokens", help="per-client secrets: YAML 'name: token' lines", envvar="SKYFED_TOKENS_FILE"),
         insecure: bool = typer.Option(False, "--insecure", help="serve PLAINTEXT (no TLS)"),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/NAME-TIME)"),
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last complete round"),
@@ -47,11 +47,11 @@ def add_commands(app: typer.Typer) -> None:
         server: str = typer.Option(..., "--server", help="HOST:PORT of the skyfed server"),
         name: str = typer.Option(..., "--name", help="this client's name in federation.clients"),
         data: Optional[Path] = typer.Option(None, "--data", help="local training data (file, folder or .jsonl); default: this client's partition of the configured corpus"),
-        ca_cert: Optional[Path] = typer.Option(None, "--ca-cert", help="CA that signed the server certificate (default: system roots)"),
-        tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="client certificate (mutual TLS)"),
-        tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="client private key (mutual TLS)"),
+        ca_cert: Optional[Path] = typer.Option(None, "--ca-cert", help="CA that signed the server certificate (default: system roots)", envvar="SKYFED_CA_CERT"),
+        tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="client certificate (mutual TLS)", envvar="SKYFED_TLS_CERT"),
+        tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="client private key (mutual TLS)", envvar="SKYFED_TLS_KEY"),
         token: Optional[str] = typer.Option(None, "--token", help="this client's secret", envvar="SKYFED_TOKEN"),
-        token_file: Optional[Path] = typer.Option(None, "--token-file", help="file with this client's secret (or a tokens file)"),
+        token_file: Optional[Path] = typer.Option(None, "--token-file", help="file with this client's secret (or a tokens file)", envvar="SKYFED_TOKEN_FILE"),
         insecure: bool = typer.Option(False, "--insecure", help="connect in PLAINTEXT (no TLS)"),
         connect_timeout: float = typer.Option(60.0, "--connect-timeout", help="give up if the server cannot be reached at first for this long"),
         give_up: float = typer.Option(600.0, "--give-up", help="give up after the server has been unreachable this long"),
@@ -63,7 +63,7 @@ def add_commands(app: typer.Typer) -> None:
 
         _verbose()
         if token is not None and token_file is not None:
-            raise ConfigError("pass --token or --token-file, not both")
+            raise ConfigError("pass --token (SKYFED_TOKEN) or --token-file (SKYFED_TOKEN_FILE), not both")
         secret = read_client_token(token_file, name) if token_file is not None else (token or "")
         opts = ClientOptions(server, name, secret, data, ca_cert, tls_cert, tls_key, insecure,
                              connect_timeout_s=connect_timeout, give_up_s=give_up, max_backoff_s=max_backoff)
