@@ -92,6 +92,12 @@ def _train(cfg, run, data, device, strategy, network, transport, emit, started) 
     accounting = CloudAccounting(transport, network, cfg.clouds.aggregation_s) if network is not None else None
     if accounting is not None:
         engine.observers.append(accounting)
+    # --- tracking hook (ops helper): the lead's assembly calls make_trackers/close_trackers ---
+    from skyfed.tracking import close_trackers, make_trackers
+
+    trackers = make_trackers(cfg, run)  # last: they see every other observer's fields
+    engine.observers.extend(trackers)
+    # --- end tracking hook ---
     emit("start", {
         "rounds": cfg.federation.rounds, "clients": list(client_tokens), "params": num_parameters(model),
         "client_tokens": client_tokens, "run_dir": str(run.path),
@@ -110,4 +116,5 @@ def _train(cfg, run, data, device, strategy, network, transport, emit, started) 
         **(accounting.summary() if accounting is not None else {}),
     })
     run.write_summary(summary)
+    close_trackers(trackers, summary)  # tracking hook (ops helper)
     return run, summary
