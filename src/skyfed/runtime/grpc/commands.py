@@ -31,6 +31,9 @@ def add_commands(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last complete round"),
         join_timeout: float = typer.Option(300.0, "--join-timeout", help="seconds to wait for every client before starting with a quorum (federation.min_clients)"),
         chunk_mib: float = typer.Option(4.0, "--chunk-mib", help="stream chunk size in MiB"),
+        metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics and a status page (/) on this port (needs prometheus-client)"),
+        metrics_bind: str = typer.Option("127.0.0.1", "--metrics-bind", help="address for --metrics-port (0.0.0.0: every interface)"),
+        metrics_linger: float = typer.Option(0.0, "--metrics-linger", help="keep serving metrics this many seconds after the run is over"),
     ) -> None:
         """Run the aggregation server of a real deployment (gRPC)."""
         from skyfed.config import load_config
@@ -38,7 +41,8 @@ def add_commands(app: typer.Typer) -> None:
 
         _verbose()
         cfg = load_config(config, preset, set_)
-        opts = ServerOptions(listen, tls_cert, tls_key, client_ca, tokens, insecure, out, resume, join_timeout, int(chunk_mib * 2**20))
+        opts = ServerOptions(listen, tls_cert, tls_key, client_ca, tokens, insecure, out, resume, join_timeout, int(chunk_mib * 2**20),
+                             metrics_port=metrics_port, metrics_bind=metrics_bind, metrics_linger_s=metrics_linger)
         run_dir, summary = run_server(cfg, opts)
         typer.echo(f"done: {summary['rounds']} rounds, val_ppl {summary['final']['val_ppl']:.2f}; run directory {run_dir.path}")
 

@@ -13,6 +13,7 @@ Prepares the tokenizer and the validation split (as a simulation does), serves t
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from concurrent import futures
 from dataclasses import dataclass
@@ -54,6 +55,9 @@ class ServerOptions:
     join_timeout_s: float = 300.0
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     done_grace_s: float = 30.0  # how long to wait for every client to hear "training is over"
+    metrics_port: int | None = None  # ops: Prometheus /metrics + status page (runtime/grpc/monitor.py); 0 = any free port
+    metrics_bind: str = "127.0.0.1"  # ops
+    metrics_linger_s: float = 0.0  # ops: keep serving metrics this long after a finished run
 
 
 class ServerEngine(Engine):
@@ -128,6 +132,14 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
         raise ConfigError(f"--listen {opts.listen}: cannot bind ({exc})") from None
     if port == 0:
         raise ConfigError(f"--listen {opts.listen}: cannot bind (address in use or invalid)")
+    # --- ops: --metrics-port ---
+    monitor = None
+    if opts.metrics_port is not None:
+        from skyfed.runtime.grpc.monitor import ServerMonitor
+
+        monitor = servicer.monitor = ServerMonitor(transport, cfg.federation.rounds)
+        emit("metrics", {"address": opts.metrics_bind, "port": monitor.serve(opts.metrics_bind, opts.metrics_port)})
+    # --- end ops ---
     server.start()
     log.info("listening on %s (%s)", opts.listen, "PLAINTEXT" if creds is None else "TLS")
     emit("listening", {"address": opts.listen, "port": port, "tls": creds is not None})
@@ -136,6 +148,8 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
         evaluator = make_evaluator(cfg, data.valid.tokens, device)
         strategy = build_strategy(cfg.federation.strategy.name, cfg.federation.strategy.params)
         engine = ServerEngine(cfg, transport, model, federated_parameter_names(model), strategy, evaluator, run, emit)
+        if monitor is not None:  # ops: round-level gauges
+            engine.observers.append(monitor)
         if resume:
             engine.resume()
         log.info("waiting for clients %s", names)
@@ -165,3 +179,5 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
     finally:
         transport.close()
         server.stop(grace=2).wait()
+        if monitor is not None:  # ops: linger only after a finished run
+            monitor.close(opts.metrics_linger_s if sys.exc_info()[0] is None else 0.0)
