@@ -164,6 +164,13 @@ class CompressionConfig(Section):
             raise ValueError(str(exc)) from None
 
 
+class TrackingConfig(Section):
+    """Where `logging: [mlflow]` writes (skyfed.tracking); TensorBoard always writes RUN_DIR/tensorboard/."""
+
+    tracking_uri: str | None = None  # MLflow tracking URI; None = sqlite:///RUN_DIR/mlflow.db
+    experiment: str | None = None  # MLflow experiment name; None = the config's `name`
+
+
 class ExperimentConfig(Section):
     name: str = "default"
     seed: int = 0
@@ -181,6 +188,10 @@ class ExperimentConfig(Section):
     federation: FederationConfig = FederationConfig()
     clouds: CloudsConfig = CloudsConfig()
     compression: CompressionConfig = CompressionConfig()
+    # Experiment trackers that receive every round's metrics and the config (skyfed.tracking);
+    # metrics.jsonl and summary.json are always written.
+    logging: list[Literal["tensorboard", "mlflow"]] = []
+    tracking: TrackingConfig = TrackingConfig()
 
 
 # ---------------------------------------------------------------- presets

@@ -59,6 +59,7 @@ class Run(RunContext):
     transport: Transport | None = None
     engine: Engine | None = None
     accounting: Any | None = None  # skyfed.runtime.cloud_metrics.CloudAccounting (simulated clouds)
+    trackers: list[Any] = field(default_factory=list)  # TensorBoard / MLflow (skyfed.tracking)
 
 
 def default_run_dir(cfg: ExperimentConfig, label: str = "") -> Path:
@@ -162,6 +163,10 @@ def assemble(
             network.num_params = num_parameters(model)
             run.accounting = CloudAccounting(link, network, cfg.clouds.aggregation_s)
             engine.observers.append(run.accounting)
+        from skyfed.tracking import make_trackers
+
+        run.trackers = make_trackers(cfg, run_dir)  # last: they see every other observer's fields
+        engine.observers.extend(run.trackers)
         if resume:
             if engine.checkpointer.exists():
                 engine.resume()
@@ -191,4 +196,8 @@ def finish(ctx: RunContext, extra: dict[str, Any]) -> dict[str, Any]:
             fields.update(ctx.accounting.summary())
     summary = build_summary(ctx.run_dir, final, ctx.data.unigram_ppl, time.perf_counter() - ctx.started, fields)
     ctx.run_dir.write_summary(summary)
+    if isinstance(ctx, Run):
+        from skyfed.tracking import close_trackers
+
+        close_trackers(ctx.trackers, summary)
     return summary

@@ -22,15 +22,18 @@ def add_commands(app: typer.Typer) -> None:
         listen: str = typer.Option("0.0.0.0:7443", "--listen", help="HOST:PORT to serve on"),
         preset: Optional[str] = typer.Option(None, "--preset", "-p", help="named experiment preset"),
         set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set federation.rounds=5"),
-        tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="server certificate (PEM)"),
-        tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="server private key (PEM)"),
-        client_ca: Optional[Path] = typer.Option(None, "--client-ca", help="CA that signs client certificates (mutual TLS)"),
-        tokens: Optional[Path] = typer.Option(None, "--tokens", help="per-client secrets: YAML 'name: token' lines"),
+        tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="server certificate (PEM)", envvar="SKYFED_TLS_CERT"),
+        tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="server private key (PEM)", envvar="SKYFED_TLS_KEY"),
+        client_ca: Optional[Path] = typer.Option(None, "--client-ca", help="CA that signs client certificates (mutual TLS)", envvar="SKYFED_CLIENT_CA"),
+        tokens: Optional[Path] = typer.Option(None, "--tokens", help="per-client secrets: YAML 'name: token' lines", envvar="SKYFED_TOKENS_FILE"),
         insecure: bool = typer.Option(False, "--insecure", help="serve PLAINTEXT (no TLS)"),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/NAME-TIME)"),
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last complete round"),
         join_timeout: float = typer.Option(300.0, "--join-timeout", help="seconds to wait for every client before starting with a quorum (federation.min_clients)"),
         chunk_mib: float = typer.Option(4.0, "--chunk-mib", help="stream chunk size in MiB"),
+        metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics and a status page (/) on this port (needs prometheus-client)"),
+        metrics_bind: str = typer.Option("127.0.0.1", "--metrics-bind", help="address for --metrics-port (0.0.0.0: every interface)"),
+        metrics_linger: float = typer.Option(0.0, "--metrics-linger", help="keep serving metrics this many seconds after the run is over"),
     ) -> None:
         """Run the aggregation server of a real deployment (gRPC)."""
         from skyfed.config import load_config
@@ -38,7 +41,8 @@ def add_commands(app: typer.Typer) -> None:
 
         _verbose()
         cfg = load_config(config, preset, set_)
-        opts = ServerOptions(listen, tls_cert, tls_key, client_ca, tokens, insecure, out, resume, join_timeout, int(chunk_mib * 2**20))
+        opts = ServerOptions(listen, tls_cert, tls_key, client_ca, tokens, insecure, out, resume, join_timeout, int(chunk_mib * 2**20),
+                             metrics_port=metrics_port, metrics_bind=metrics_bind, metrics_linger_s=metrics_linger)
         run_dir, summary = run_server(cfg, opts)
         typer.echo(f"done: {summary['rounds']} rounds, val_ppl {summary['final']['val_ppl']:.2f}; run directory {run_dir.path}")
 
@@ -47,11 +51,11 @@ def add_commands(app: typer.Typer) -> None:
         server: str = typer.Option(..., "--server", help="HOST:PORT of the skyfed server"),
         name: str = typer.Option(..., "--name", help="this client's name in federation.clients"),
         data: Optional[Path] = typer.Option(None, "--data", help="local training data (file, folder or .jsonl); default: this client's partition of the configured corpus"),
-        ca_cert: Optional[Path] = typer.Option(None, "--ca-cert", help="CA that signed the server certificate (default: system roots)"),
-        tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="client certificate (mutual TLS)"),
-        tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="client private key (mutual TLS)"),
+        ca_cert: Optional[Path] = typer.Option(None, "--ca-cert", help="CA that signed the server certificate (default: system roots)", envvar="SKYFED_CA_CERT"),
+        tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="client certificate (mutual TLS)", envvar="SKYFED_TLS_CERT"),
+        tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="client private key (mutual TLS)", envvar="SKYFED_TLS_KEY"),
         token: Optional[str] = typer.Option(None, "--token", help="this client's secret", envvar="SKYFED_TOKEN"),
-        token_file: Optional[Path] = typer.Option(None, "--token-file", help="file with this client's secret (or a tokens file)"),
+        token_file: Optional[Path] = typer.Option(None, "--token-file", help="file with this client's secret (or a tokens file)", envvar="SKYFED_TOKEN_FILE"),
         insecure: bool = typer.Option(False, "--insecure", help="connect in PLAINTEXT (no TLS)"),
         connect_timeout: float = typer.Option(60.0, "--connect-timeout", help="give up if the server cannot be reached at first for this long"),
         give_up: float = typer.Option(600.0, "--give-up", help="give up after the server has been unreachable this long"),
@@ -63,7 +67,7 @@ def add_commands(app: typer.Typer) -> None:
 
         _verbose()
         if token is not None and token_file is not None:
-            raise ConfigError("pass --token or --token-file, not both")
+            raise ConfigError("pass --token (SKYFED_TOKEN) or --token-file (SKYFED_TOKEN_FILE), not both")
         secret = read_client_token(token_file, name) if token_file is not None else (token or "")
         opts = ClientOptions(server, name, secret, data, ca_cert, tls_cert, tls_key, insecure,
                              connect_timeout_s=connect_timeout, give_up_s=give_up, max_backoff_s=max_backoff)

@@ -13,6 +13,7 @@ Prepares the tokenizer and the validation split (as a simulation does), serves t
 from __future__ import annotations
 
 import logging
+import sys
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,9 @@ class ServerOptions:
     join_timeout_s: float = 300.0
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     done_grace_s: float = 30.0  # how long to wait for every client to hear "training is over"
+    metrics_port: int | None = None  # Prometheus /metrics + status page (runtime/grpc/monitor.py); 0 = any free port
+    metrics_bind: str = "127.0.0.1"
+    metrics_linger_s: float = 0.0  # keep serving metrics this long after a finished run
 
 
 def tokenizer_files(tokenizer) -> dict[str, bytes]:
@@ -78,6 +82,7 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
         if missing:
             raise ConfigError(f"tokens file {opts.tokens_file} has no token for client(s) {', '.join(missing)}")
     servers: list[grpc.Server] = []
+    monitors: list = []
 
     def serve(cfg: ExperimentConfig, data, device, emit: EventSink) -> GrpcTransport:
         """The transport, and the gRPC server that feeds it, listening before the model is built."""
@@ -89,6 +94,12 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max(8, 2 * len(names) + 4)), options=server_options(opts.chunk_bytes)
         )
+        if opts.metrics_port is not None:
+            from skyfed.runtime.grpc.monitor import ServerMonitor
+
+            monitor = servicer.monitor = ServerMonitor(transport, cfg.federation.rounds)
+            monitors.append(monitor)
+            emit("metrics", {"address": opts.metrics_bind, "port": monitor.serve(opts.metrics_bind, opts.metrics_port)})
         add_servicer(servicer, server)
         try:
             port = server.add_secure_port(opts.listen, creds) if creds is not None else server.add_insecure_port(opts.listen)
@@ -105,6 +116,8 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
     try:
         run = assemble(cfg, serve, opts.out, emit, resume=opts.resume, server_side=True)
         transport: GrpcTransport = run.transport  # type: ignore[assignment]
+        for monitor in monitors:  # round-level gauges
+            run.engine.observers.insert(0, monitor)
         log.info("waiting for clients %s", names)
         ready = transport.wait_for_clients(cfg.federation.min_clients, opts.join_timeout_s)
         log.info("clients ready: %s; starting at round %d", ready, run.engine.next_round)
@@ -124,3 +137,5 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
     finally:
         for server in servers:
             server.stop(grace=2).wait()
+        for monitor in monitors:  # linger only after a finished run
+            monitor.close(opts.metrics_linger_s if sys.exc_info()[0] is None else 0.0)

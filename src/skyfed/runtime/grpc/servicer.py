@@ -32,6 +32,7 @@ from skyfed.runtime.grpc.auth import check_token, new_session_id, same_secret
 from skyfed.runtime.grpc.chunks import Assembler, iter_views
 from skyfed.runtime.grpc.rawchunks import data_of, encode_data_chunk
 from skyfed.runtime.grpc.transport import GrpcTransport, RoundClosedError
+from skyfed.runtime.grpc.monitor import NO_MONITOR  # ops: metrics hooks
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,13 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.tokens = tokens
         self.max_update_bytes = max_update_bytes
         self.chunk_bytes = chunk_bytes
+        self.monitor = NO_MONITOR  # ops: metrics hooks (runtime/grpc/monitor.py); run_server sets a ServerMonitor
 
     # ------------------------------------------------------------ checks
 
     def _refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
         log.warning("refused %s: %s (%s)", context.peer(), message, code.name)
+        self.monitor.refused(code.name)  # ops: metrics hook
         context.abort(code, message)
 
     def _check_version(self, version: int, context: grpc.ServicerContext) -> None:
@@ -79,6 +82,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 context, grpc.StatusCode.UNAUTHENTICATED,
                 f"unknown session for client {name!r} (not registered, replaced or server restarted): register again",
             )
+        self.monitor.seen(name)  # ops: metrics hook
 
     # ------------------------------------------------------------ RPCs
 
@@ -93,6 +97,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
         session = new_session_id()
         rec = self.transport.register(name, session, int(request.num_tokens))
+        self.monitor.registered(name)  # ops: metrics hook
         log.info("client %s registered from %s (%d training tokens)", name, context.peer(), rec.num_tokens)
         return pb.RegisterReply(
             protocol_version=PROTOCOL_VERSION,
@@ -121,6 +126,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         ))
         for view in iter_views(task.payload, self.chunk_bytes):
             yield encode_data_chunk(view)
+        self.monitor.task_sent(request.name, task.round, len(task.payload))  # ops: metrics hook
 
     def PushUpdate(self, request_iterator: Iterator[bytes | pb.UpdateChunk], context: grpc.ServicerContext) -> pb.PushReply:
         first = next(request_iterator, None)
@@ -174,6 +180,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         if not self.transport.wait_released(name, round, RELEASE_WAIT_S):
             log.info("the round %d update of %s is still queued; answering its push", round, name)
         log.info("received the round %d update of %s (%d bytes)", round, name, h.payload_bytes)
+        self.monitor.update_received(name, round, h.payload_bytes)  # ops: metrics hook
         return pb.PushReply(accepted=True, message=f"round {round} update received")
 
     def _receive(self, request_iterator: Iterator[bytes | pb.UpdateChunk], size: int, what: str) -> bytearray:
