@@ -79,3 +79,15 @@ def check_uplink(chain: list[Any]) -> None:
 def check_compatible(strategy: str, uplink: list[Any]) -> None:
     check_strategy(strategy)
     check_uplink(uplink)
+
+
+def check_config(cfg: Any) -> None:
+    """All of secure aggregation's checks on an `ExperimentConfig` (one ConfigError line):
+    the strategy, the uplink chain, and a threshold the client count can meet."""
+    check_compatible(cfg.federation.strategy.name, cfg.compression.uplink)
+    sa, n = cfg.security.secagg, len(cfg.federation.clients)
+    if n < 2:
+        raise ConfigError("security.secure_aggregation needs at least 2 clients (3 or more to hide anyone's update)")
+    group = n if sa.neighbours is None or sa.neighbours >= n - 1 else sa.neighbours + 1
+    if sa.threshold is not None and sa.threshold > group:
+        raise ConfigError(f"security.secagg.threshold {sa.threshold} exceeds the share-group size {group} ({n} clients)")
