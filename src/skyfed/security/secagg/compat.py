@@ -37,6 +37,11 @@ _WHY_NOT = {
 
 SPARSIFYING_CODECS = frozenset({"topk", "randk", "lowrank"})
 
+# Flipped to True by the change that routes the runtimes' updates through the protocol
+# (simulated.secure_mean, and the gRPC stages). Until then the flag is refused rather
+# than silently ignored: a run must never claim a privacy it does not have.
+ENGINE_WIRED = False
+
 
 def check_strategy(name: str) -> None:
     """Refuse a strategy that needs individual updates (one ConfigError line)."""
@@ -91,3 +96,8 @@ def check_config(cfg: Any) -> None:
     group = n if sa.neighbours is None or sa.neighbours >= n - 1 else sa.neighbours + 1
     if sa.threshold is not None and sa.threshold > group:
         raise ConfigError(f"security.secagg.threshold {sa.threshold} exceeds the share-group size {group} ({n} clients)")
+    if not ENGINE_WIRED:
+        raise ConfigError(
+            "security.secure_aggregation: the protocol (skyfed.security.secagg) is not yet wired into the "
+            "simulation and gRPC runtimes, so it cannot be turned on; the run would not be private"
+        )
