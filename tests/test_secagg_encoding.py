@@ -146,3 +146,23 @@ def test_refusal_functions_name_the_reason():
     check_uplink(["fp32"])
     with pytest.raises(ConfigError, match="'randk'"):
         check_uplink([{"name": "randk", "fraction": 0.1}])
+
+
+def test_masked_vector_rides_the_wire_container():
+    from skyfed.errors import WireFormatError
+    from skyfed.security.secagg.payload import pack_masked, unpack_masked
+    from skyfed.security.secagg import SecAggParams
+
+    for bits in (16, 32):
+        params = SecAggParams(bits, 1000)
+        masked = np.random.default_rng(bits).integers(0, 2**bits, 1000, dtype=np.uint64).astype(f"<u{bits // 8}").tobytes()
+        wire = pack_masked(masked, params, b"s" * 16, 0.25, round=4, client="aws")
+        assert len(wire) - len(masked) < 400  # framing and header only
+        back, weight, header = unpack_masked(wire, params, b"s" * 16)
+        assert back == masked and weight == 0.25 and header["client"] == "aws"
+        with pytest.raises(WireFormatError, match="another ring or session"):
+            unpack_masked(wire, params, b"t" * 16)
+        corrupt = bytearray(wire)
+        corrupt[-3] ^= 1
+        with pytest.raises(WireFormatError, match="CRC-32"):
+            unpack_masked(bytes(corrupt), params, b"s" * 16)
