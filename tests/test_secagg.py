@@ -244,3 +244,23 @@ def test_shamir_needs_threshold_shares_and_detects_a_bad_one():
     bad[5] = (int.from_bytes(bad[5], "big") + 1).to_bytes(shamir.SHARE_BYTES, "big")
     with pytest.raises(SecAggError, match="inconsistent"):
         shamir.combine(bad, 3, "s")
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_any_dropout_pattern_gives_the_exact_sum_or_a_refusal(data):
+    n = data.draw(st.integers(2, 7), label="clients")
+    t = data.draw(st.integers(2, n), label="threshold")
+    dropped = data.draw(st.sets(st.sampled_from([f"c{i}" for i in range(n)])), label="dropped")
+    server, clients = setup(n, dim=16, threshold=t)
+    fp, q = inputs(clients, 16, n=n, seed=n * 10 + t)
+    if n - len(dropped) >= t:
+        result = run(server, clients, q, fp, drop=dropped)
+        assert result.dropped == sorted(dropped)
+        assert np.array_equal(fp.signed(result.ring_sum), sum((q[c] for c in result.survivors), np.zeros(16, np.int64)))
+    else:
+        with pytest.raises(SecAggError, match="the round is refused"):
+            run(server, clients, q, fp, drop=dropped)
