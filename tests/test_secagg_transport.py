@@ -101,3 +101,55 @@ def test_too_many_dying_after_set_up_refuses_the_round():
     clients = [FakeClient(f"c{i}", dies_at="mask" if i < 2 else None) for i in range(3)]
     with pytest.raises(SecAggError, match="the round is refused"):
         secure_round(clients)
+
+
+def make_client(name: str, seed: int, secure: bool):
+    from skyfed.config import TrainConfig
+    from skyfed.federation.client import FederatedClient
+    from skyfed.model import build_model, federated_parameter_names
+    from skyfed.train import LocalTrainer
+
+    cfg = TrainConfig(local_steps=2, batch_size=2, seq_len=16, lr=1e-2, warmup_steps=0, schedule="constant",
+                      weight_decay=0.0, optimizer_state="reset")
+    model = build_model("gpt2-micro", 64, 0, seed=1)
+    tokens = np.random.default_rng(seed).integers(0, 64, size=600 * (seed + 1)).astype(np.uint16)
+    client = FederatedClient(name, tokens, LocalTrainer(model, cfg, torch.device("cpu"), total_steps=2),
+                             federated_parameter_names(model), seed=seed)
+    if secure:
+        client.secagg = SecAggParticipant(name, client.spec, SecAggSettings(ring_bits=32, bound=0.5))
+    return client
+
+
+def test_real_clients_send_masked_updates_whose_secure_mean_is_fedavg():
+    from skyfed.compression.payload import decode_payload, encode_payload
+    from skyfed.model import get_params
+
+    names = ["aws", "gcp", "azure"]
+    plain_clients = [make_client(n, i, secure=False) for i, n in enumerate(names)]
+    start = get_params(plain_clients[0].trainer.model, plain_clients[0].param_names)
+    model = encode_payload(start, kind="model")
+    plain = {}
+    for c in plain_clients:
+        r = c.handle(TrainTask(0, 0, model, 2, {}))
+        plain[c.name] = (decode_payload(r.payload, c.spec)[0], r.num_tokens)
+    total = sum(n for _, n in plain.values())
+    fedavg = {k: sum(d[k] * n for d, n in plain.values()) / total for k in start}
+
+    secure_clients = [make_client(n, i, secure=True) for i, n in enumerate(names)]
+    spec = secure_clients[0].spec
+    transport = SimulatedTransport(secure_clients)
+    coord = SecAggCoordinator(spec, SecAggSettings(ring_bits=32, bound=0.5), max_tokens=2 * 2 * 16)
+    options = coord.setup(transport, names, 0, 0)
+    for name, extra in options.items():
+        transport.send(name, TrainTask(0, 0, model, 2, extra))
+    masked_sizes = []
+    for _ in names:
+        result = transport.receive(None)
+        masked_sizes.append(len(result.payload))
+        assert coord.accept(result)
+    outcome = coord.finish(transport, 0, 0)
+    dim = sum(int(np.prod(s.shape)) for s in spec.values())
+    assert all(4 * dim < size < 4 * dim + 400 for size in masked_sizes)  # 32-bit ring + framing
+    assert outcome.update.num_tokens == total
+    for k in start:
+        assert torch.allclose(outcome.update.delta[k], fedavg[k], atol=1e-6), k
