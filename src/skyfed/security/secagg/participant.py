@@ -62,13 +62,24 @@ class SecAggParticipant:
                 reply = self._session(task.round)[0].unmask(body)
         except (SecAggError, KeyError, TypeError, ValueError) as exc:
             log.error("client %s: secure aggregation %s stage of round %d failed: %s", self.name, stage, task.round, exc)
-            return ClientResult(self.name, task.round, task.version, None, error=f"secure aggregation: {exc}")
-        return ClientResult(self.name, task.round, task.version, pack_control(stage, task.round, reply, client=self.name))
+            return ClientResult(self.name, task.round, task.version, None, error=f"secure aggregation: {exc}",
+                                meta={"secagg_stage": stage})
+        return ClientResult(self.name, task.round, task.version, pack_control(stage, task.round, reply, client=self.name),
+                            meta={"secagg_stage": stage})
 
     def _session(self, round: int) -> tuple[SecAggClient, UpdateEncoder]:
         if round not in self._sessions:
             raise SecAggError(f"secure aggregation: client {self.name!r} has no session for round {round}")
         return self._sessions[round]
+
+    @classmethod
+    def for_config(cls, name: str, spec: dict[str, TensorSpec], cfg) -> "SecAggParticipant | None":
+        """The participant a client needs under `cfg` (an ExperimentConfig), or None."""
+        if not cfg.security.secure_aggregation:
+            return None
+        from skyfed.security.secagg.simulated import settings_from_config
+
+        return cls(name, spec, settings_from_config(cfg.security.secagg), seed=cfg.seed)
 
     def masked_payload(self, task: TrainTask, delta: dict[str, torch.Tensor], tokens: int) -> bytes:
         """The masked ring vector of `delta` for the training task of a secure round."""
