@@ -211,6 +211,16 @@ def test_server_refuses_malformed_or_out_of_order_messages():
         server.close_sharing()
 
 
+def test_a_server_cannot_weaken_the_threshold():
+    params = SecAggParams(32, 10)
+    server = SecAggServer(SecAggParams(32, 10, threshold=2))  # majority of 5 would be 3
+    clients = {f"c{i}": SecAggClient(f"c{i}", params) for i in range(5)}
+    for name, c in clients.items():
+        server.receive_keys(name, c.advertise())
+    with pytest.raises(SecAggError, match="threshold 2, expected 3"):
+        clients["c0"].share_keys(server.roster())
+
+
 def test_mismatched_ring_or_layout_is_refused():
     server = SecAggServer(SecAggParams(32, 10, layout="x"))
     c = SecAggClient("a", SecAggParams(16, 10, layout="x"))

@@ -28,7 +28,7 @@ import numpy as np
 
 from skyfed.errors import SecAggError
 from skyfed.security.secagg import crypto, shamir
-from skyfed.security.secagg.session import Roster, SecAggParams, check_threshold
+from skyfed.security.secagg.session import Roster, SecAggParams, check_threshold, default_threshold
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,13 @@ class SecAggClient:
                 f"{p.neighbours}) does not match client {self.name!r}'s (ring {mine.ring_bits} bits, {mine.dim} values, "
                 f"neighbours {mine.neighbours}) or the tensor layouts differ"
             )
-        if mine.threshold is not None and roster.threshold != mine.threshold:
-            raise SecAggError(f"secure aggregation: the server asks for threshold {roster.threshold}, configured {mine.threshold}")
         own = (crypto.public_bytes(self._mask_key), crypto.public_bytes(self._enc_key))
         if roster.keys.get(self.name) != own:
             raise SecAggError(f"secure aggregation: the roster does not carry client {self.name!r}'s own public keys")
         groups = roster.groups()
+        expected = mine.threshold or default_threshold(min(len(g) for g in groups.values()))
+        if roster.threshold != expected:  # a server may not weaken the threshold
+            raise SecAggError(f"secure aggregation: the server asks for threshold {roster.threshold}, expected {expected}")
         check_threshold(roster.threshold, groups)
         self.roster, self._group = roster, groups[self.name]
         self._seed = crypto.random_seed()

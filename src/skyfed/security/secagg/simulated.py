@@ -1,18 +1,19 @@
 """Secure aggregation inside one process: every stage of the protocol, with real keys,
-shares, masks and bytes, run over updates the simulation already holds.
+shares, masks and bytes, run over updates the caller already holds.
 
-The hook for a runtime is one call. Where a round's arrived updates would go to the
-strategy, pass them through `secure_mean` first and hand the strategy the one `Update`
-it returns instead (its delta is the token-weighted mean recovered from the ring sum,
-its tokens the survivors' total), e.g.::
+This is the short route, for benchmarks (bench/secagg.py) and for a simulation that
+does not send the control messages through its transport: where a round's arrived
+updates would go to the strategy, pass them through `secure_mean` and hand the
+strategy the one `Update` it returns (its delta is the token-weighted mean recovered
+from the ring sum, its tokens the survivors' total)::
 
-    if cfg.security.secure_aggregation:
-        updates = [secure_mean(updates, selected, spec, settings_from_config(cfg.security.secagg), round).update]
+    updates = [secure_mean(updates, selected, spec, settings_from_config(cfg.security.secagg), round).update]
 
-A weighted-mean strategy (FedAvg, FedProx, the FedOpt family) then steps exactly as it
-would on the plain mean of the quantized updates. Clients in `participants` without an
-update are dropouts after set-up: the survivors' shares remove their masks. Too many
-dropouts raise `SecAggError`, and the caller must leave the model unchanged.
+The route that runs the protocol exactly as a deployment does, with control messages
+over the transport, is `coordinator.SecAggCoordinator` with `participant.SecAggParticipant`.
+Clients in `participants` without an update are dropouts after set-up: the survivors'
+shares remove their masks. Too many dropouts raise `SecAggError`, and the caller must
+leave the model unchanged.
 """
 
 from __future__ import annotations
