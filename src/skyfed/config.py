@@ -171,6 +171,32 @@ class TrackingConfig(Section):
     experiment: str | None = None  # MLflow experiment name; None = the config's `name`
 
 
+class SecAggConfig(Section):
+    """Secure aggregation's settings (docs/security.md); used when
+    `security.secure_aggregation` is true."""
+
+    ring_bits: Literal[16, 32] = 32  # the ring Z_{2^bits}: 16 halves the uplink bytes of fp32
+    threshold: int | None = Field(None, ge=2)  # shares needed to rebuild a secret; None = a majority
+    neighbours: int | None = Field(None, ge=2)  # SecAgg+: even number of peers per client; None = all
+    clip: Literal["l2", "l2_per_tensor", "coordinate"] = "coordinate"
+    bound: float = Field(0.1, gt=0)  # the clip bound: L2 norm, or the range [-bound, bound]
+    rounding: Literal["deterministic", "stochastic"] = "deterministic"
+
+    @field_validator("neighbours")
+    @classmethod
+    def _even(cls, k: int | None) -> int | None:
+        if k is not None and k % 2:
+            raise ValueError(f"must be even (a Harary graph of k/2 peers on each side), got {k}")
+        return k
+
+
+class SecurityConfig(Section):
+    """Privacy layers: secure aggregation (and differential privacy, `dp`)."""
+
+    secure_aggregation: bool = False
+    secagg: SecAggConfig = SecAggConfig()
+
+
 class ExperimentConfig(Section):
     name: str = "default"
     seed: int = 0
@@ -192,6 +218,18 @@ class ExperimentConfig(Section):
     # metrics.jsonl and summary.json are always written.
     logging: list[Literal["tensorboard", "mlflow"]] = []
     tracking: TrackingConfig = TrackingConfig()
+    security: SecurityConfig = SecurityConfig()
+
+    @model_validator(mode="after")
+    def _secagg_composes(self) -> "ExperimentConfig":
+        if self.security.secure_aggregation:
+            from skyfed.security.secagg.compat import check_config
+
+            try:
+                check_config(self)
+            except SkyfedError as exc:
+                raise ValueError(str(exc)) from None
+        return self
 
 
 # ---------------------------------------------------------------- presets
@@ -253,11 +291,15 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"]
+    if first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     got = first.get("input")
     detail = "" if isinstance(got, (dict, list)) or first["type"] == "extra_forbidden" else f" (got {got!r})"
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    if not first["loc"]:  # a check across sections: its message names the keys
+        return f"{source}: {msg}{more}"
     return f"{source}: {where}: {msg}{detail}{more}"
 
 

@@ -27,3 +27,8 @@ class AuthError(SkyfedError):
 
 class CheckpointError(SkyfedError):
     """A checkpoint is missing or unreadable."""
+
+
+class SecAggError(SkyfedError):
+    """Secure aggregation cannot go on: too few survivors, a forged share, a protocol
+    message out of order, or a request that would break the protocol's safety rule."""

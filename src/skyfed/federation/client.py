@@ -48,6 +48,9 @@ class FederatedClient:
         self.on_step: StepCallback | None = None
         self.uplink = Uplink.from_config(compression)  # keeps the error-feedback residual
         self.downlink = DownlinkReceiver(get_params(trainer.model, param_names))  # the model it holds
+        # secure aggregation: a skyfed.security.secagg.participant.SecAggParticipant, set by
+        # the runtime when security.secure_aggregation is on; None sends codec-encoded updates
+        self.secagg = None
 
     def state_dict(self) -> dict:
         """What this client carries from round to round: optimizer moments and schedule
@@ -83,6 +86,8 @@ class FederatedClient:
 
     def handle(self, task: TrainTask) -> ClientResult:
         """Train on one task; a malformed model payload is reported, not raised."""
+        if self.secagg is not None and self.secagg.is_control(task):  # secure aggregation's set-up / unmasking
+            return self.secagg.control(task)
         try:
             params = self.downlink.receive(task.payload, self.spec, self.max_payload_bytes, what="global model")
         except WireFormatError as exc:
@@ -107,10 +112,13 @@ class FederatedClient:
             holdout_loss = evaluate(self.trainer.model, holdout, cfg.seq_len, cfg.batch_size, self.trainer.device).loss
         end = get_params(self.trainer.model, self.param_names)
         delta = {n: params[n] - end[n] for n in self.param_names}  # theta_global - theta_end
-        payload = self.uplink.encode(
-            delta, mix_seed(self.seed, task.round), from_start_point=True,
-            kind="update", round=task.round, client=self.name, base_version=task.version,
-        )
+        if self.secagg is not None and "secagg" in task.options:  # the masked ring vector instead
+            payload = self.secagg.masked_payload(task, delta, stats.tokens)
+        else:
+            payload = self.uplink.encode(
+                delta, mix_seed(self.seed, task.round), from_start_point=True,
+                kind="update", round=task.round, client=self.name, base_version=task.version,
+            )
         return ClientResult(
             client=self.name,
             round=task.round,
@@ -127,8 +135,12 @@ class FederatedClient:
 
         started = time.perf_counter()
         grads, loss, used = local_gradient(self.trainer, tokens, task.steps, rng, self.param_names)
-        payload = self.uplink.encode(
-            grads, mix_seed(self.seed, task.round), kind="update", round=task.round, client=self.name, base_version=task.version
-        )
+        if self.secagg is not None and "secagg" in task.options:
+            payload = self.secagg.masked_payload(task, grads, used)
+        else:
+            payload = self.uplink.encode(
+                grads, mix_seed(self.seed, task.round), kind="update", round=task.round, client=self.name,
+                base_version=task.version,
+            )
         return ClientResult(self.name, task.round, task.version, payload, num_tokens=used, train_loss=loss,
                             compute_s=time.perf_counter() - started)

@@ -249,6 +249,7 @@ def run_client(opts: ClientOptions, on_event: Callable[[str, dict[str, Any]], No
     """Join, train every task the server sends, return when training is over."""
     from skyfed.data.tokenizer import get_tokenizer
     from skyfed.runtime.setup import apply_threads, cache_dir, device_for, make_client
+    from skyfed.security.secagg.participant import SecAggParticipant
 
     emit = on_event or (lambda kind, data: None)
     session = FederationSession(opts)
@@ -261,6 +262,7 @@ def run_client(opts: ClientOptions, on_event: Callable[[str, dict[str, Any]], No
         tokenizer, tok_key = get_tokenizer([], 0, 1, cache_dir(), cfg.tokenizer.path)
         tokens = _local_tokens(cfg, opts.name, opts.data, tokenizer, tok_key)
         client = make_client(cfg, opts.name, reply.client_index, tokens, tokenizer, device)
+        client.secagg = SecAggParticipant.for_config(opts.name, client.spec, cfg)  # None unless secure aggregation
         session.register(client.num_tokens)
         emit("joined", {"client": opts.name, "tokens": client.num_tokens, "rounds": cfg.federation.rounds})
         trained: list[int] = []

@@ -33,6 +33,7 @@ from skyfed.runtime.grpc.chunks import Assembler, iter_views
 from skyfed.runtime.grpc.rawchunks import data_of, encode_data_chunk
 from skyfed.runtime.grpc.transport import GrpcTransport, RoundClosedError
 from skyfed.runtime.grpc.monitor import NO_MONITOR  # ops: metrics hooks
+from skyfed.runtime.grpc.transport import GrpcTransport, RoundClosedError, stage_of
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,10 @@ class FederationServicer(pb_grpc.FederationServicer):
         self._check_version(h.protocol_version, context)
         self._check_session(h.name, h.session_id, context)
         name, round = h.name, h.round
+        meta = _meta(h.meta_json)
+        stage = stage_of(meta=meta)  # "update", or a secure-aggregation control stage
         try:
-            duplicate = self.transport.check_open(name, round)
+            duplicate = self.transport.check_open(name, round, stage)
         except RoundClosedError as exc:
             self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         if duplicate:
@@ -148,7 +151,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         result = ClientResult(
             client=name, round=round, base_version=h.base_version, payload=None, num_tokens=int(h.num_tokens),
             train_loss=h.train_loss, holdout_loss=h.holdout_loss if h.has_holdout_loss else None,
-            compute_s=h.compute_s, error=h.error or None, meta=_meta(h.meta_json),
+            compute_s=h.compute_s, error=h.error or None, meta=meta,
         )
         if result.error is None:
             what = f"update from {name} for round {round}"
@@ -177,7 +180,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         if not accepted:
             return pb.PushReply(accepted=True, duplicate=True, message=f"round {round} update already received")
         del result  # the engine owns the payload now (this thread holds no other reference)
-        if not self.transport.wait_released(name, round, RELEASE_WAIT_S):
+        if not self.transport.wait_released(name, round, RELEASE_WAIT_S, stage):
             log.info("the round %d update of %s is still queued; answering its push", round, name)
         log.info("received the round %d update of %s (%d bytes)", round, name, h.payload_bytes)
         self.monitor.update_received(name, round, h.payload_bytes)  # ops: metrics hook

@@ -11,7 +11,9 @@ Synchronous-mode rules (enforced in `submit`):
   replaces an unfinished older one, so a restarted client never trains a stale round;
 - an update is accepted only for the client's open round; one for a past (or
   future) round is refused with `RoundClosedError`;
-- the same (client, round) is accepted once; a repeat is a harmless duplicate.
+- the same (client, round, stage) is accepted once; a repeat is a harmless duplicate.
+  The stage is "update" except for secure aggregation's control messages ("keys",
+  "shares", "unmask": several per client and round, one at a time; `stage_of`).
 
 Backpressure: the servicer answers a push only once the engine has released the update
 (`release`: decoded and folded into the round's aggregate), or after `wait_released`'s
@@ -57,6 +59,19 @@ class ClientRecord:
         return self.session is not None and self.num_tokens > 0
 
 
+CONTROL_STAGES = ("keys", "shares", "unmask")
+
+
+def stage_of(task: TrainTask | None = None, meta: dict | None = None) -> str:
+    """A task's or a result's stage: a secure-aggregation control stage, else "update"."""
+    if task is not None:
+        info = task.options.get("secagg")
+        stage = info.get("stage") if isinstance(info, dict) else None
+    else:
+        stage = (meta or {}).get("secagg_stage")
+    return stage if stage in CONTROL_STAGES else "update"
+
+
 class GrpcTransport(Transport):
     def __init__(self, names: list[str]):
         self._names = list(names)
@@ -64,8 +79,8 @@ class GrpcTransport(Transport):
         self.clients = {n: ClientRecord(n, i) for i, n in enumerate(names)}
         self._open: dict[str, TrainTask] = {}
         self._results: deque[ClientResult] = deque()
-        self._accepted: set[tuple[str, int]] = set()
-        self._held: set[tuple[str, int]] = set()  # queued or in the engine's hands, not released
+        self._accepted: set[tuple[str, int, str]] = set()
+        self._held: set[tuple[str, int, str]] = set()  # queued or in the engine's hands, not released
         self._done = False
 
     # ------------------------------------------------------------ engine side
@@ -93,7 +108,7 @@ class GrpcTransport(Transport):
 
     def release(self, result: ClientResult, rejection: str | None = None) -> None:
         with self._cond:
-            self._held.discard((result.client, result.round))
+            self._held.discard((result.client, result.round, stage_of(meta=result.meta)))
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -125,13 +140,13 @@ class GrpcTransport(Transport):
                     return None
                 self._cond.wait(left)
 
-    def check_open(self, client: str, round: int) -> bool:
-        """True if (client, round) was already accepted (a duplicate); raise if the round is not open."""
+    def check_open(self, client: str, round: int, stage: str = "update") -> bool:
+        """True if (client, round, stage) was already accepted (a duplicate); raise if it is not open."""
         with self._cond:
-            if (client, round) in self._accepted:
+            if (client, round, stage) in self._accepted:
                 return True
             task = self._open.get(client)
-            if task is None or task.round != round:
+            if task is None or task.round != round or stage_of(task) != stage:
                 current = "none" if task is None else str(task.round)
                 raise RoundClosedError(
                     f"round {round} is not open for client {client!r} (its open round: {current}); update refused"
@@ -141,11 +156,11 @@ class GrpcTransport(Transport):
     def submit(self, result: ClientResult) -> bool:
         """Queue a result for the engine; False if it is a duplicate (already accepted)."""
         with self._cond:
-            key = (result.client, result.round)
+            key = (result.client, result.round, stage_of(meta=result.meta))
             if key in self._accepted:
                 return False
             task = self._open.get(result.client)
-            if task is None or task.round != result.round:
+            if task is None or task.round != result.round or stage_of(task) != key[2]:
                 raise RoundClosedError(f"round {result.round} is not open for client {result.client!r}; update refused")
             self._accepted.add(key)
             if result.payload is not None:
@@ -156,11 +171,11 @@ class GrpcTransport(Transport):
             self._cond.notify_all()
             return True
 
-    def wait_released(self, client: str, round: int, timeout_s: float) -> bool:
-        """Wait until the engine has released (client, round)'s update; False on timeout."""
+    def wait_released(self, client: str, round: int, timeout_s: float, stage: str = "update") -> bool:
+        """Wait until the engine has released (client, round, stage)'s result; False on timeout."""
         end = time.monotonic() + timeout_s
         with self._cond:
-            while (client, round) in self._held and not self._done:
+            while (client, round, stage) in self._held and not self._done:
                 left = end - time.monotonic()
                 if left <= 0:
                     return False

@@ -1,0 +1,1 @@
+"""Privacy layers around the federation: secure aggregation (``secagg``)."""

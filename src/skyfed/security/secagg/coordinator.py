@@ -1,0 +1,139 @@
+"""The server half of secure aggregation over a skyfed `Transport` (any runtime).
+
+One secure round, as the round loop drives it:
+
+    coord = SecAggCoordinator(spec, settings, max_tokens=steps * batch * seq)
+    options = coord.setup(transport, selected, round, version)   # keys, then shares
+    for name, extra in options.items():                          # the training tasks
+        transport.send(name, TrainTask(round, version, model_payload, steps, {**strategy_options, **extra}))
+    ... for each arriving result: coord.accept(result)           # folds the masked vector
+    outcome = coord.finish(transport, round, version)            # unmask; SecAggError = refuse the round
+    strategy.aggregate(params, [outcome.update], round)
+
+Control messages are ordinary tasks and results (`participant.py`), so the simulated
+network times and bills them like updates. Each stage waits for the expected clients
+up to `stage_timeout_s` on the transport's clock; a client that does not answer, or
+answers with an error, drops out of the session.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from skyfed.compression.wire import TensorSpec
+from skyfed.errors import SecAggError, WireFormatError
+from skyfed.federation.messages import ClientResult, TrainTask, Update
+from skyfed.federation.transport import Transport
+from skyfed.security.secagg.encoding import SecAggSettings, UpdateEncoder
+from skyfed.security.secagg.messages import pack_control, unpack_control
+from skyfed.security.secagg.payload import unpack_masked
+from skyfed.security.secagg.server import SecAggServer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SecureOutcome:
+    update: Update  # the token-weighted mean as one update, for the strategy
+    survivors: list[str]
+    dropped: list[str]
+
+
+class SecAggCoordinator:
+    def __init__(self, spec: dict[str, TensorSpec], settings: SecAggSettings, max_tokens: int,
+                 stage_timeout_s: float | None = None, max_update_bytes: int | None = None):
+        self.spec = spec
+        self.settings = settings
+        self.max_tokens = max_tokens
+        self.stage_timeout_s = stage_timeout_s
+        self.max_update_bytes = max_update_bytes
+        self.server: SecAggServer | None = None
+        self.encoder: UpdateEncoder | None = None
+        self._results: dict[str, ClientResult] = {}
+
+    def _exchange(self, transport: Transport, clients: list[str], stage: str, round: int, version: int,
+                  body_for: Any) -> dict[str, dict[str, Any]]:
+        """Send one control task to each client; the answers that arrive in time."""
+        for name in clients:
+            payload = pack_control(stage, round, body_for(name))
+            transport.send(name, TrainTask(round, version, payload, 0, {"secagg": {"stage": stage}}))
+        waiting, answers = set(clients), {}
+        deadline = None if self.stage_timeout_s is None else transport.now() + self.stage_timeout_s
+        while waiting:
+            left = None if deadline is None else deadline - transport.now()
+            if left is not None and left <= 0:
+                break
+            result = transport.receive(left)
+            if result is None:
+                break
+            try:
+                if result.client not in waiting or result.round != round:
+                    log.warning("secure aggregation: ignored a result from %s (round %d) during the %s stage",
+                                result.client, result.round, stage)
+                elif result.error is not None or result.payload is None:
+                    log.warning("secure aggregation: %s dropped out at the %s stage: %s", result.client, stage, result.error)
+                    waiting.discard(result.client)
+                else:
+                    waiting.discard(result.client)
+                    answers[result.client] = unpack_control(result.payload, stage, round, self.max_update_bytes)
+            except SecAggError as exc:
+                log.warning("secure aggregation: %s's %s answer refused: %s", result.client, stage, exc)
+            finally:
+                transport.release(result)
+        if waiting:
+            log.warning("secure aggregation: %s did not answer the round %d %s stage", sorted(waiting), round, stage)
+        return answers
+
+    def setup(self, transport: Transport, clients: list[str], round: int, version: int) -> dict[str, dict[str, Any]]:
+        """Keys and shares; the options to merge into each remaining client's training task."""
+        self.encoder = UpdateEncoder(self.spec, self.settings, len(clients))
+        self.server = server = SecAggServer(self.encoder.params(), round=round)
+        self._results = {}
+        for name, body in self._exchange(transport, clients, "keys", round, version, lambda _: {"clients": len(clients)}).items():
+            server.receive_keys(name, body)
+        roster = server.roster()
+        for name, body in self._exchange(transport, server_names(roster), "shares", round, version, lambda _: roster).items():
+            server.receive_shares(name, body)
+        sharers = server.close_sharing()
+        return {name: {"secagg": {"stage": "mask", "bundle": server.bundle_for(name), "max_tokens": self.max_tokens}}
+                for name in sharers}
+
+    def accept(self, result: ClientResult) -> bool:
+        """Fold one masked update into the running sum; False (logged) when it is refused."""
+        assert self.server is not None
+        if result.error is not None or result.payload is None:
+            return False
+        try:
+            masked, weight, _ = unpack_masked(result.payload, self.server.params, self.server.session, self.max_update_bytes)
+            self.server.add_masked(result.client, masked, weight)
+        except (SecAggError, WireFormatError) as exc:
+            log.warning("secure aggregation: refused the masked update of %s: %s", result.client, exc)
+            return False
+        self._results[result.client] = ClientResult(result.client, result.round, result.base_version, None,
+                                                    result.num_tokens, result.train_loss)
+        return True
+
+    def finish(self, transport: Transport, round: int, version: int) -> SecureOutcome:
+        """Unmask with the survivors' shares; the mean update. Raises SecAggError (the
+        round must then leave the model unchanged) when too few survived."""
+        server, encoder = self.server, self.encoder
+        assert server is not None and encoder is not None
+        request = server.unmask_request()
+        for name, body in self._exchange(transport, request["survivors"], "unmask", round, version, lambda _: request).items():
+            try:
+                server.receive_unmask(name, body)
+            except SecAggError as exc:
+                log.warning("secure aggregation: refused %s's unmasking shares: %s", name, exc)
+        result = server.finish()
+        mean = encoder.decode_mean(result.ring_sum, result.total_weight)
+        kept = [self._results[n] for n in result.survivors]
+        tokens = sum(r.num_tokens for r in kept)
+        loss = sum(r.train_loss * max(r.num_tokens, 1) for r in kept) / sum(max(r.num_tokens, 1) for r in kept)
+        update = Update("secagg", round, version, mean, tokens, loss)
+        return SecureOutcome(update, result.survivors, result.dropped)
+
+
+def server_names(roster: dict[str, Any]) -> list[str]:
+    return sorted(roster["clients"])
