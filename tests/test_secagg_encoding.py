@@ -109,13 +109,7 @@ def test_secure_mean_refuses_too_many_dropouts():
         secure_mean(updates, ["c0", "c1", "x", "y", "z"], spec_of(updates[0].delta), SecAggSettings(), round=0)
 
 
-def test_turning_it_on_is_refused_until_the_runtimes_are_wired():
-    with pytest.raises(ConfigError, match="not yet wired into the simulation and gRPC runtimes"):
-        load_config(preset="smoke", overrides=["security.secure_aggregation=true"])
-
-
-def test_config_section_and_refusals_are_one_line(monkeypatch):
-    monkeypatch.setattr("skyfed.security.secagg.compat.ENGINE_WIRED", True)
+def test_config_section_and_refusals_are_one_line():
     cfg = load_config(preset="smoke", overrides=["security.secure_aggregation=true", "security.secagg.ring_bits=16"])
     assert cfg.security.secure_aggregation and cfg.security.secagg.ring_bits == 16
     assert load_config(preset="smoke").security.secure_aggregation is False

@@ -104,10 +104,15 @@ def make_client(
     model = new_model(cfg, tokenizer)
     total_steps = cfg.federation.rounds * cfg.train.local_steps
     trainer = LocalTrainer(model, cfg.train, device, total_steps)
-    return FederatedClient(
+    client = FederatedClient(
         name, tokens, trainer, federated_parameter_names(model), seed=cfg.seed * 1000 + index,
         max_payload_bytes=cfg.federation.max_update_bytes, compression=cfg.compression,
     )
+    if cfg.security.secure_aggregation:
+        from skyfed.security.secagg.participant import SecAggParticipant
+
+        client.secagg = SecAggParticipant.for_config(name, client.spec, cfg)
+    return client
 
 
 def device_for(cfg: ExperimentConfig) -> torch.device:

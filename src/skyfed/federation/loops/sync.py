@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,16 @@ class SyncLoop:
         self.closer = closer
         self.cfg = cfg
         self.next_round = 0
+        self.secure = None  # a SecAggCoordinator when security.secure_aggregation is on
+        if cfg.security.secure_aggregation:
+            from skyfed.security.secagg.coordinator import SecAggCoordinator
+            from skyfed.security.secagg.simulated import settings_from_config
+
+            tc = cfg.train
+            self.secure = SecAggCoordinator(
+                core.spec, settings_from_config(cfg.security.secagg), tc.local_steps * tc.batch_size * tc.seq_len,
+                cfg.federation.round_timeout_s, cfg.federation.max_update_bytes,
+            )
 
     def run(self) -> None:
         for r in range(self.next_round, self.cfg.federation.rounds):
@@ -54,7 +65,10 @@ class SyncLoop:
         options = core.strategy.client_options(r)
         w.unreachable = [c for c in selected if not self.transport.reachable(c, r)]
         reached = [c for c in selected if c not in w.unreachable]
-        tasks = {c: core.task(c, r, self.cfg.train.local_steps, options) for c in reached}
+        extra: dict[str, dict[str, Any]] = {c: {} for c in reached}
+        if self.secure is not None:  # keys and shares first; who completes set-up trains
+            extra = self.secure.setup(self.transport, reached, r, core.version)
+        tasks = {c: core.task(c, r, self.cfg.train.local_steps, {**options, **extra[c]}) for c in reached if c in extra}
         for client, task in tasks.items():
             self.transport.send(client, task)
             w.bytes_down[client] = len(task.payload)
@@ -88,6 +102,9 @@ class SyncLoop:
             w.compute_s[result.client] = result.compute_s
             w.meta[result.client] = result.meta
             task = tasks[result.client]
+            if self.secure is not None:
+                self._accept_masked(w, result)
+                continue
             got = core.accept(result, task.round, task.version, task.steps)
             result.payload = None  # decoded (or refused): the received bytes can go
             if isinstance(got, Rejection):
@@ -101,7 +118,9 @@ class SyncLoop:
             aggregate.add(got)
             self.transport.release(result)
             w.accepted.append(got.client)
-        if len(aggregate) < fed.min_clients:
+        if self.secure is not None:
+            self._publish_secure(w)
+        elif len(aggregate) < fed.min_clients:
             log.error("round %d: %d updates < min_clients=%d; the global model is unchanged", r, len(aggregate), fed.min_clients)
         else:
             out = aggregate.result(core.params, r)
@@ -112,8 +131,46 @@ class SyncLoop:
             except SkyfedError as exc:
                 log.error("round %d: %s", r, exc)
                 w.extra["aggregate_error"] = str(exc)
-        w.aggregate_s = aggregate.seconds
+        w.aggregate_s += aggregate.seconds
         return waiting
+
+    def _accept_masked(self, w: Window, result) -> None:
+        """Secure aggregation: fold a masked vector into the ring sum (never decoded alone)."""
+        nbytes = len(result.payload) if result.payload is not None else 0
+        if self.secure.accept(result):
+            w.decoded += 1
+            w.bytes_up[result.client] = nbytes
+            w.train_loss[result.client].append(result.train_loss)
+            w.accepted.append(result.client)
+            self.transport.release(result)
+        else:
+            w.rejected[result.client] = result.error or "masked update refused"
+            self.transport.release(result, w.rejected[result.client])
+        result.payload = None
+
+    def _publish_secure(self, w: Window) -> None:
+        """Unmask the sum with the survivors' shares and step on it; too few survivors leave
+        the model unchanged."""
+        from skyfed.errors import SecAggError
+
+        core, r = self.core, w.round
+        if len(w.accepted) < self.cfg.federation.min_clients:
+            log.error("round %d: %d masked updates < min_clients; the global model is unchanged", r, len(w.accepted))
+            return
+        t0 = time.perf_counter()
+        try:
+            outcome = self.secure.finish(self.transport, r, core.version)
+            out = core.strategy.aggregate(core.params, [outcome.update], r)
+            core.publish(out)
+        except SkyfedError as exc:
+            kind = "secure aggregation" if isinstance(exc, SecAggError) else "aggregate"
+            log.error("round %d: %s refused: %s; the global model is unchanged", r, kind, exc)
+            w.extra["aggregate_error"] = str(exc)
+            return
+        finally:
+            w.aggregate_s += time.perf_counter() - t0
+        w.aggregated = True
+        w.extra.update({**out.metrics, "secure_aggregation": {"survivors": outcome.survivors, "dropped": outcome.dropped}})
 
     def state_dict(self) -> dict[str, Any]:
         return {"next_round": self.next_round}

@@ -37,10 +37,6 @@ _WHY_NOT = {
 
 SPARSIFYING_CODECS = frozenset({"topk", "randk", "lowrank"})
 
-# Flipped to True by the change that routes the runtimes' updates through the protocol
-# (simulated.secure_mean, and the gRPC stages). Until then the flag is refused rather
-# than silently ignored: a run must never claim a privacy it does not have.
-ENGINE_WIRED = False
 
 
 def check_strategy(name: str) -> None:
@@ -90,14 +86,14 @@ def check_config(cfg: Any) -> None:
     """All of secure aggregation's checks on an `ExperimentConfig` (one ConfigError line):
     the strategy, the uplink chain, and a threshold the client count can meet."""
     check_compatible(cfg.federation.strategy.name, cfg.compression.uplink)
+    if cfg.federation.strategy.name == "fedbuff":
+        raise ConfigError(
+            "security.secure_aggregation with fedbuff: the protocol supports it (one secure sum per buffer) but the "
+            "asynchronous loop does not run it yet; use a synchronous strategy"
+        )
     sa, n = cfg.security.secagg, len(cfg.federation.clients)
     if n < 2:
         raise ConfigError("security.secure_aggregation needs at least 2 clients (3 or more to hide anyone's update)")
     group = n if sa.neighbours is None or sa.neighbours >= n - 1 else sa.neighbours + 1
     if sa.threshold is not None and sa.threshold > group:
         raise ConfigError(f"security.secagg.threshold {sa.threshold} exceeds the share-group size {group} ({n} clients)")
-    if not ENGINE_WIRED:
-        raise ConfigError(
-            "security.secure_aggregation: the protocol (skyfed.security.secagg) is not yet wired into the "
-            "simulation and gRPC runtimes, so it cannot be turned on; the run would not be private"
-        )
