@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU wheel of PyTorch is pinned so pip never pulls a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup run test paper bench clean proto
+.PHONY: setup run test test-fast paper bench clean proto
 
 $(BIN)/skyfed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,10 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The unit tests only: everything that starts no process (about a minute).
+test-fast: setup
+	$(BIN)/python -m pytest -m "not processes"
 
 # The paper's three experiments (48 runs, ~45 min on 2 cores) into runs/suite-paper/; docs/results.md.
 paper: setup

@@ -35,3 +35,23 @@ def procs(tmp_path, monkeypatch):
     p = Procs(tmp_path)
     yield p
     p.close()
+
+
+SPAWNS = ("run_cli(", "subprocess.", "Popen(", "WorkerPool(", "ray.init(")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that starts processes (the real CLI, a gRPC server, workers) as
+    `processes`, so `make test-fast` (-m "not processes") can leave them out."""
+    import inspect
+
+    for item in items:
+        if "procs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.processes)
+            continue
+        try:
+            source = inspect.getsource(item.function)
+        except (OSError, TypeError, AttributeError):
+            continue
+        if any(s in source for s in SPAWNS):
+            item.add_marker(pytest.mark.processes)
