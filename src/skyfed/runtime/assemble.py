@@ -125,11 +125,12 @@ def _strategy(cfg: ExperimentConfig, data: PreparedData, device: torch.device):
     return build_strategy(strat.name, strat.params, evaluate_params=evaluate_params)
 
 
-def check_config(cfg: ExperimentConfig) -> None:
-    """Errors a config can have that the schema does not see, before any work."""
+def check_config(cfg: ExperimentConfig, simulated: bool = True) -> None:
+    """Errors a config can have that the schema does not see, before any work (the cloud
+    profiles only matter where the clouds are simulated)."""
     strat = cfg.federation.strategy
     build_strategy(strat.name, strat.params, evaluate_params=lambda params: 0.0)
-    if cfg.clouds.simulate:
+    if simulated and cfg.clouds.simulate:
         from skyfed.clouds import network_from_config
 
         network_from_config(cfg, 0)
@@ -147,7 +148,7 @@ def assemble(
     registered part restored from the checkpoint in `out`."""
     started = time.perf_counter()
     emit = on_event or (lambda kind, data: None)
-    check_config(cfg)
+    check_config(cfg, simulated=not server_side)
     run_dir, data, device = _data_and_dir(cfg, out, "", resume, emit, server_side)
     link = transport(cfg, data, device, emit)
     try:
