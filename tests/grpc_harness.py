@@ -81,7 +81,8 @@ class Procs:
 
 
 def server_args(cfg: list[str], port: int, certs: dict[str, Path] | None, out: Path, *extra: str) -> list[str]:
-    tls = ["--tls-cert", str(certs["server.pem"]), "--tls-key", str(certs["server.key"]), "--tokens", str(certs["tokens.yaml"])] if certs else ["--insecure"]
+    """TLS with tokens when `certs` is given; else plaintext and `--open` (no tokens)."""
+    tls = ["--tls-cert", str(certs["server.pem"]), "--tls-key", str(certs["server.key"]), "--tokens", str(certs["tokens.yaml"])] if certs else ["--insecure", "--open"]
     return ["server", *cfg, "--listen", f"127.0.0.1:{port}", *tls, "--out", str(out), *extra]
 
 

@@ -34,9 +34,10 @@ class Transport(ABC):
         says no); an unreachable client is sent nothing and counted as missing."""
         return True
 
-    def release(self, result: ClientResult) -> None:
-        """The engine is done with `result` (decoded and folded, kept, or ignored): a
-        transport may now answer its sender (the gRPC one answers the push then)."""
+    def release(self, result: ClientResult, rejection: str | None = None) -> None:
+        """The engine is done with `result` (decoded and folded, kept, ignored, or rejected
+        for the reason `rejection`): a transport may now answer its sender (the gRPC one
+        answers the push then, and tells the client the rejection)."""
 
     def now(self) -> float:
         """This transport's clock in seconds (real time unless simulated)."""

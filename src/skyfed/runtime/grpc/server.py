@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,9 @@ from skyfed.model import federated_parameter_names, num_parameters
 from skyfed.runtime.finish import build_summary, save_hf_model
 from skyfed.runtime.grpc import DEFAULT_CHUNK_BYTES
 from skyfed.runtime.grpc.rawchunks import add_servicer
-from skyfed.runtime.grpc.auth import load_tokens
+from skyfed.runtime.grpc.auth import require_tokens
+from skyfed.runtime.grpc.client_config import client_config
+from skyfed.runtime.grpc.limits import CallBounds, max_concurrent_rpcs, worker_threads
 from skyfed.runtime.grpc.security import server_credentials, server_options
 from skyfed.runtime.grpc.servicer import FederationServicer
 from skyfed.runtime.grpc.transport import GrpcTransport
@@ -54,6 +56,8 @@ class ServerOptions:
     join_timeout_s: float = 300.0
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     done_grace_s: float = 30.0  # how long to wait for every client to hear "training is over"
+    open: bool = False  # grpcsec: run without tokens (explicitly); else tokens_file is required
+    bounds: CallBounds = field(default_factory=CallBounds)  # grpcsec: call limits and deadlines
 
 
 class ServerEngine(Engine):
@@ -101,9 +105,7 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
     if opts.chunk_bytes < 1024:
         raise ConfigError(f"chunk size must be at least 1 KiB, got {opts.chunk_bytes} bytes")
     creds = server_credentials(opts.tls_cert, opts.tls_key, opts.client_ca, opts.insecure)
-    tokens = load_tokens(opts.tokens_file) if opts.tokens_file else None
-    if tokens is None:
-        log.warning("no --tokens file: any client that knows a configured name can join")
+    tokens = require_tokens(opts.tokens_file, opts.open)  # grpcsec
     if cfg.federation.round_timeout_s is None:
         log.warning("federation.round_timeout_s is not set: a round waits for a client that died until it comes back")
     apply_threads(cfg)
@@ -117,10 +119,14 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
         if missing:
             raise ConfigError(f"tokens file {opts.tokens_file} has no token for client(s) {', '.join(missing)}")
     transport = GrpcTransport(names)
+    # grpcsec: per-client configs, call bounds, mutual TLS identity; a pool sized to the bounds
     servicer = FederationServicer(
-        transport, dump_config(cfg), tokenizer_files(data.tokenizer), tokens, cfg.federation.max_update_bytes, opts.chunk_bytes
+        transport, {n: client_config(cfg, n) for n in names}, tokenizer_files(data.tokenizer), tokens,
+        cfg.federation.max_update_bytes, opts.chunk_bytes, bounds=opts.bounds, mutual_tls=opts.client_ca is not None,
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max(8, 2 * len(names) + 4)), options=server_options(opts.chunk_bytes))
+    workers = worker_threads(len(names), opts.bounds)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=server_options(opts.chunk_bytes),
+                         maximum_concurrent_rpcs=max_concurrent_rpcs(workers))
     add_servicer(servicer, server)
     try:
         port = server.add_secure_port(opts.listen, creds) if creds is not None else server.add_insecure_port(opts.listen)
@@ -136,6 +142,7 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
         evaluator = make_evaluator(cfg, data.valid.tokens, device)
         strategy = build_strategy(cfg.federation.strategy.name, cfg.federation.strategy.params)
         engine = ServerEngine(cfg, transport, model, federated_parameter_names(model), strategy, evaluator, run, emit)
+        servicer.limit_update_size(engine.spec, cfg.compression.uplink)  # grpcsec
         if resume:
             engine.resume()
         log.info("waiting for clients %s", names)
@@ -165,3 +172,4 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
     finally:
         transport.close()
         server.stop(grace=2).wait()
+        servicer.close()  # grpcsec
