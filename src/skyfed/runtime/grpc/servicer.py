@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -96,8 +97,9 @@ def _code_of(exc: SkyfedError) -> grpc.StatusCode:
 
 
 def peer_address(peer: str) -> str:
-    """The IP of a gRPC peer string ("ipv4:1.2.3.4:5678", "ipv6:[::1]:5678"), port dropped."""
-    kind, _, rest = peer.partition(":")
+    """The IP of a gRPC peer string ("ipv4:1.2.3.4:5678", "ipv6:[::1]:5678", or with the
+    brackets %-encoded), port dropped."""
+    kind, _, rest = unquote(peer).partition(":")
     if kind == "ipv6" and rest.startswith("["):
         return rest[1 : rest.find("]")] if "]" in rest else rest
     if kind == "ipv4":
