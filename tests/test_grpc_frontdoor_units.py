@@ -31,7 +31,7 @@ from skyfed.runtime.grpc.client_config import PRIVATE_CORPUS, client_config
 from skyfed.runtime.grpc.limits import CallBounds, CallLimits, LimitExceeded, Watchdog
 from skyfed.runtime.grpc.rawchunks import add_servicer, push_call
 from skyfed.runtime.grpc.security import server_options
-from skyfed.runtime.grpc.servicer import FederationServicer, Refusal, peer_address
+from skyfed.runtime.grpc.servicer import FederationServicer, Refusal, _Call, peer_address
 from skyfed.runtime.grpc.transport import GrpcTransport
 
 Code = grpc.StatusCode
@@ -73,7 +73,8 @@ def _refused(code: grpc.StatusCode, fn) -> str:
 
 
 def _admit(s: FederationServicer, method: str, ctx: FakeContext):
-    call = s._admit(method, ctx)
+    call = _Call(method, peer_address(ctx.peer()))
+    s._admit(call, ctx)
     s._leave(call)
     return call
 
@@ -175,7 +176,8 @@ def test_call_limits_per_client_and_per_peer():
     s = _servicer(bounds=CallBounds(max_calls_per_client=1))
     s.transport.register("aws", "sess", 5)
     meta = call_metadata(PROTOCOL_VERSION, "aws", session="sess")
-    held = s._admit("PushUpdate", FakeContext(metadata=meta))
+    held = _Call("PushUpdate", "10.0.0.1")
+    s._admit(held, FakeContext(metadata=meta))
     assert "concurrent calls for client 'aws'" in _refused(Code.RESOURCE_EXHAUSTED, lambda: s.PushUpdate(iter(()), FakeContext(metadata=meta)))
     s._leave(held)
     assert s.limits.by_client == {}

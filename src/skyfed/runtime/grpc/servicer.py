@@ -115,6 +115,7 @@ class _Call:
         self.peer = peer
         self.name: str | None = None
         self.ticket: Ticket | None = None
+        self.counted_peer = False
         self.counted_client = False
         self.pending: ClientResult | None = None  # an update to record as refused if the call fails
         self.uploading = False
@@ -174,13 +175,14 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     # ------------------------------------------------------------ the front door
 
-    def _admit(self, method: str, context: grpc.ServicerContext) -> _Call:
-        """Steps 1-6 of the module docstring, from the call's metadata alone."""
-        call = _Call(method, peer_address(context.peer()))
+    def _admit(self, call: _Call, context: grpc.ServicerContext) -> None:
+        """Steps 1-6 of the module docstring, from the call's metadata alone (fills `call`)."""
+        method = call.method
         try:
             self.limits.enter_peer(call.peer)
         except LimitExceeded as exc:
             raise Refusal(Code.RESOURCE_EXHAUSTED, str(exc)) from None
+        call.counted_peer = True
         try:
             meta = metadata_dict(context.invocation_metadata())
             self._check_version(meta.get(META_PROTOCOL))
@@ -203,12 +205,14 @@ class FederationServicer(pb_grpc.FederationServicer):
             with self._lock:
                 self._seen[name] = (call.peer, time.monotonic())
             call.ticket = self.watchdog.watch(context.cancel, call.describe())
-            return call
         except BaseException:
             self._leave(call)
             raise
 
     def _leave(self, call: _Call) -> None:
+        if not call.counted_peer:
+            return
+        call.counted_peer = False
         if call.ticket is not None:
             self.watchdog.forget(call.ticket)
         if call.uploading:
@@ -251,44 +255,43 @@ class FederationServicer(pb_grpc.FederationServicer):
                 f"address only after {self.bounds.session_ttl_s:g}s without a call (--session-ttl)",
             )
 
-    def _refuse(self, context: grpc.ServicerContext, call: _Call | None, refusal: Refusal) -> None:
-        what = call.describe() if call is not None else "a call"
-        log.warning("refused %s: %s (%s)", what, refusal.message, refusal.code.name)
+    def _refuse(self, context: grpc.ServicerContext, call: _Call, refusal: Refusal) -> None:
+        log.warning("refused %s: %s (%s)", call.describe(), refusal.message, refusal.code.name)
         context.abort(refusal.code, refusal.message)
 
-    def _failed(self, call: _Call | None, exc: BaseException) -> Refusal | None:
+    def _failed(self, call: _Call, exc: BaseException) -> Refusal | None:
         """The refusal for an exception raised while handling a call (None: it was cancelled)."""
-        if isinstance(exc, grpc.RpcError):  # cancelled by the watchdog or by the client
-            reason = (call.ticket.reason if call and call.ticket else None) or "the client cancelled it or went away"
-            log.warning("%s ended: %s", call.describe() if call else "a call", reason)
+        if isinstance(exc, grpc.RpcError):  # cancelled by the watchdog (which logged it) or by the client
+            if call.ticket is None or call.ticket.reason is None:
+                log.warning("%s ended: the client cancelled it or went away", call.describe())
             refusal = None
         elif isinstance(exc, Refusal):
             refusal = exc
         elif isinstance(exc, SkyfedError):
             refusal = Refusal(_code_of(exc), str(exc))
         else:
-            log.error("error handling %s: %s: %s", call.describe() if call else "a call", type(exc).__name__, exc)
+            log.error("error handling %s: %s: %s", call.describe(), type(exc).__name__, exc)
             refusal = Refusal(Code.INTERNAL, f"the server could not handle this message ({type(exc).__name__}); it is refused")
-        if call is not None and call.pending is not None:
+        if call.pending is not None:
             if refusal is not None:  # a cancelled upload may be sent again; a refused one may not
                 self._record_refusal(call.pending, refusal.message)
             call.pending = None
         return refusal
 
-    def _serve(self, method: str, context: grpc.ServicerContext, body: Callable[[_Call], Any]) -> Any:
-        """Admit, run `body`, and turn anything it raises into one log line and a status."""
-        call = None
+    def _serve(self, method: str, context: grpc.ServicerContext, body: Callable[[_Call], Any], empty: Any) -> Any:
+        """Admit, run `body`, and turn anything it raises into one log line and a status
+        (`empty`: the reply of a call that was cancelled, which nobody reads)."""
+        call = _Call(method, peer_address(context.peer()))
         try:
-            call = self._admit(method, context)
+            self._admit(call, context)
             return body(call)
         except Exception as exc:  # every exception becomes a refusal of this call
             refusal = self._failed(call, exc)
         finally:
-            if call is not None:
-                self._leave(call)
+            self._leave(call)
         if refusal is not None:
             self._refuse(context, call, refusal)
-        return None
+        return empty
 
     def _first(self, call: _Call, request_iterator: Iterator[bytes]) -> bytes:
         """The call's first request message, waited for under the watchdog."""
@@ -316,7 +319,7 @@ class FederationServicer(pb_grpc.FederationServicer):
     # ------------------------------------------------------------ RPCs
 
     def Register(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.RegisterReply:
-        return self._serve("Register", context, lambda call: self._register(call, request_iterator, context))
+        return self._serve("Register", context, lambda call: self._register(call, request_iterator, context), pb.RegisterReply())
 
     def _register(self, call: _Call, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.RegisterReply:
         request = self._parse(pb.RegisterRequest, self._first(call, request_iterator), "RegisterRequest")
@@ -336,16 +339,15 @@ class FederationServicer(pb_grpc.FederationServicer):
         )
 
     def PullTask(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes | pb.TaskChunk]:
-        call = None
+        call = _Call("PullTask", peer_address(context.peer()))
         refusal = None
         try:
-            call = self._admit("PullTask", context)
+            self._admit(call, context)
             yield from self._pull(call, request_iterator)
         except Exception as exc:  # every exception becomes a refusal of this call
             refusal = self._failed(call, exc)
         finally:
-            if call is not None:
-                self._leave(call)
+            self._leave(call)
         if refusal is not None:
             self._refuse(context, call, refusal)
 
@@ -371,7 +373,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             yield encode_data_chunk(view)
 
     def PushUpdate(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.PushReply:
-        return self._serve("PushUpdate", context, lambda call: self._push(call, request_iterator))
+        return self._serve("PushUpdate", context, lambda call: self._push(call, request_iterator), pb.PushReply())
 
     def _push(self, call: _Call, request_iterator: Iterator[bytes]) -> pb.PushReply:
         kind, h = _parts(self._first(call, request_iterator))
