@@ -209,7 +209,7 @@ def test_wrong_token_is_an_auth_error(loopback):
     with pytest.raises(AuthError, match="UNAUTHENTICATED"):
         session.register(0)
     stranger = FederationSession(ClientOptions(f"127.0.0.1:{port}", "oracle", "aws-secret-token", insecure=True))
-    with pytest.raises(AuthError, match="not one of this experiment's clients"):
+    with pytest.raises(AuthError, match="unknown client or wrong token"):
         stranger.register(0)
 
 

@@ -188,6 +188,10 @@ class FederationServicer(pb_grpc.FederationServicer):
             self._check_version(meta.get(META_PROTOCOL))
             name = meta.get(META_NAME, "")
             if name not in self.transport.clients:
+                if method != "Register":
+                    self._check_session(name, "")
+                if self.tokens is not None:  # the same answer as a wrong token: names are not enumerable
+                    check_token(self.tokens, name, meta.get(META_TOKEN, ""))
                 raise Refusal(Code.UNAUTHENTICATED, f"client {name!r} is not one of this experiment's clients")
             call.name = name
             check_certificate(context.auth_context(), name, self.mutual_tls)
