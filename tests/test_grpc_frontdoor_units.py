@@ -19,7 +19,7 @@ from skyfed.compression.channel import Uplink
 from skyfed.compression.payload import encode_payload
 from skyfed.compression.wire import spec_of
 from skyfed.config import ExperimentConfig, load_config
-from skyfed.errors import AuthError, ConfigError, SkyfedError
+from skyfed.errors import AuthError, ConfigError
 from skyfed.federation.messages import ClientResult, TrainTask
 from skyfed.runtime.grpc import PROTOCOL_VERSION, skyfed_pb2 as pb
 from skyfed.runtime.grpc.auth import (
