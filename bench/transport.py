@@ -165,11 +165,22 @@ def session(args: argparse.Namespace, name: str, port: int, certs: str | None):
     return s
 
 
+def labelled(payload: bytes, client: str, round: int) -> bytes:
+    """The same tensors under this push's header fields (the server checks that they match)."""
+    from skyfed.compression.wire import _PREFIX, FORMAT_VERSION, MAGIC, read_header
+
+    header, blob = read_header(payload)
+    header.update(kind="update", round=round, client=client, base_version=round)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join((_PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)), head, blob))
+
+
 def push(s, payload: bytes, round: int, weight: int) -> float:
     from skyfed.runtime.grpc import skyfed_pb2 as pb
 
+    payload = labelled(payload, s.opts.name, round)  # untimed
     t0 = time.perf_counter()
-    reply = s.push_raw(pb.UpdateHeader(round=round, num_tokens=weight, payload_bytes=len(payload)), payload)
+    reply = s.push_raw(pb.UpdateHeader(round=round, base_version=round, num_tokens=weight, payload_bytes=len(payload)), payload)
     dt = time.perf_counter() - t0
     assert reply.accepted and not reply.duplicate, reply
     return dt

@@ -19,6 +19,7 @@ from typing import Callable
 from skyfed.runtime.grpc.certs import make_dev_certs
 
 CLI = [sys.executable, "-m", "skyfed"]
+SRC = str(Path(__file__).resolve().parents[1] / "src")  # the tree under test, whatever the cwd
 SMOKE = ["--preset", "smoke", "--set", "threads=1"]
 
 
@@ -38,7 +39,8 @@ class Procs:
     def __init__(self, folder: Path):
         self.folder = folder
         self.procs: dict[str, subprocess.Popen] = {}
-        self.env = {**os.environ, "SKYFED_CACHE": os.environ.get("SKYFED_CACHE", str(folder / "cache"))}
+        self.env = {**os.environ, "SKYFED_CACHE": os.environ.get("SKYFED_CACHE", str(folder / "cache")),
+                    "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
     def start(self, label: str, args: list[str]) -> subprocess.Popen:
         log = open(self.folder / f"{label}.log", "ab")
@@ -52,6 +54,9 @@ class Procs:
 
     def logs(self) -> str:
         return "\n".join(f"----- {k}\n{self.log(k)[-3000:]}" for k in self.procs)
+
+    def pid(self, label: str) -> int:
+        return self.procs[label].pid
 
     def kill(self, label: str) -> None:
         p = self.procs[label]
@@ -81,7 +86,8 @@ class Procs:
 
 
 def server_args(cfg: list[str], port: int, certs: dict[str, Path] | None, out: Path, *extra: str) -> list[str]:
-    tls = ["--tls-cert", str(certs["server.pem"]), "--tls-key", str(certs["server.key"]), "--tokens", str(certs["tokens.yaml"])] if certs else ["--insecure"]
+    """TLS with tokens when `certs` is given; else plaintext and `--open` (no tokens)."""
+    tls = ["--tls-cert", str(certs["server.pem"]), "--tls-key", str(certs["server.key"]), "--tokens", str(certs["tokens.yaml"])] if certs else ["--insecure", "--open"]
     return ["server", *cfg, "--listen", f"127.0.0.1:{port}", *tls, "--out", str(out), *extra]
 
 

@@ -69,14 +69,16 @@ def test_bad_clients_refused_while_others_train(procs, tmp_path):
     params, _ = unpack(pulled.task.payload)
     delta = {n: torch.zeros_like(t) for n, t in params.items()}
     good = encode_payload(delta, kind="update", round=0, client="eve", base_version=0)
+    good1 = encode_payload(delta, kind="update", round=1, client="eve", base_version=1)
 
     def update(round: int, size: int) -> pb.UpdateHeader:
-        return pb.UpdateHeader(round=round, base_version=0, num_tokens=1000, train_loss=1.0, payload_bytes=size)
+        return pb.UpdateHeader(round=round, base_version=round, num_tokens=1000, train_loss=1.0, payload_bytes=size)
 
     details = _expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: eve.push_raw(update(0, len(good)), _corrupt(good)))
     assert "CRC-32" in details
-    # the refusal closed eve's round: a retry of the same round is a harmless duplicate, not an update
-    assert eve.push_raw(update(0, len(good)), good).duplicate
+    # the refusal closed eve's round: a second push for it is refused, not taken
+    details = _expect(grpc.StatusCode.ALREADY_EXISTS, lambda: eve.push_raw(update(0, len(good)), good))
+    assert "one push per round" in details
 
     pulled = eve.pull()  # round 1 opens once the others have trained round 0
     assert pulled.status == "task" and pulled.task.round == 1
@@ -86,7 +88,7 @@ def test_bad_clients_refused_while_others_train(procs, tmp_path):
     assert "not open" in details
     real_session = eve.session_id
     eve.session_id = "stolen-or-guessed"
-    _expect(grpc.StatusCode.UNAUTHENTICATED, lambda: eve.push_raw(update(1, len(good)), good))
+    _expect(grpc.StatusCode.UNAUTHENTICATED, lambda: eve.push_raw(update(1, len(good1)), good1))
     eve.session_id = real_session
     while (pulled := eve.pull()).status != "done":
         pass

@@ -14,16 +14,16 @@ from cryptography import x509
 from skyfed.compression.payload import encode_payload
 from skyfed.errors import AuthError, ConfigError, SkyfedError, WireFormatError
 from skyfed.federation.messages import ClientResult, TrainTask
-from skyfed.runtime.grpc import skyfed_pb2 as pb
+from skyfed.runtime.grpc import PROTOCOL_VERSION, skyfed_pb2 as pb
 from skyfed.runtime.grpc import skyfed_pb2_grpc as pb_grpc
-from skyfed.runtime.grpc.auth import check_token, load_tokens, read_client_token
+from skyfed.runtime.grpc.auth import call_metadata, check_token, load_tokens, read_client_token
 from skyfed.runtime.grpc.certs import make_dev_certs
 from skyfed.runtime.grpc.chunks import Assembler, iter_chunks
 from skyfed.runtime.grpc.client import ClientOptions, FederationSession
 from skyfed.runtime.grpc.rawchunks import add_servicer, data_of, encode_data_chunk
 from skyfed.runtime.grpc.security import server_options
 from skyfed.runtime.grpc.servicer import FederationServicer
-from skyfed.runtime.grpc.transport import GrpcTransport, RoundClosedError
+from skyfed.runtime.grpc.transport import AlreadyReceivedError, GrpcTransport, RoundClosedError, Verdict
 
 
 def test_chunks_reassemble_exactly_and_check_framing():
@@ -79,9 +79,11 @@ def test_transport_round_rules():
     t.send("aws", _task(0))
     assert t.next_task("aws", 0.0).round == 0
     assert t.next_task("gcp", 0.0) is None  # nothing for gcp: the long poll returns empty
-    assert t.submit(_result("aws", 0)) is True
-    assert t.submit(_result("aws", 0)) is False  # duplicate: accepted once
-    assert t.check_open("aws", 0) is True
+    t.submit(_result("aws", 0))
+    with pytest.raises(AlreadyReceivedError, match="one push per round"):
+        t.submit(_result("aws", 0))  # a second push for the same round is refused
+    with pytest.raises(AlreadyReceivedError):
+        t.check_open("aws", 0)
     assert t.receive(0.0).client == "aws" and t.receive(0.0) is None
     t.send("gcp", _task(0))
     t.send("gcp", _task(1))  # gcp never finished round 0: replaced
@@ -103,20 +105,25 @@ def test_a_push_is_answered_once_the_engine_releases_its_update():
 
     t = GrpcTransport(["aws", "gcp"])
     t.send("aws", _task(0))
-    assert t.submit(_result("aws", 0))
-    assert t.wait_released("aws", 0, 0.05) is False  # queued, not yet taken by the engine
+    t.submit(_result("aws", 0))
+    assert t.wait_released("aws", 0, 0.05) == Verdict(False)  # queued, not yet taken by the engine
     taken = t.receive(0.0)
     threading.Timer(0.2, t.release, [taken]).start()
     start = time.monotonic()
-    assert t.wait_released("aws", 0, 10.0) is True
+    assert t.wait_released("aws", 0, 10.0) == Verdict(True, None)
     assert 0.1 < time.monotonic() - start < 5.0
     t.send("gcp", _task(0))
-    assert t.submit(ClientResult("gcp", 0, 0, None, error="boom"))  # no payload: nothing to wait for
-    assert t.wait_released("gcp", 0, 0.0) is True
+    t.submit(ClientResult("gcp", 0, 0, None, error="boom"))  # no payload: nothing to wait for
+    assert t.wait_released("gcp", 0, 0.0) == Verdict(True, None)
+    assert t.receive(0.0).error == "boom"
     t.send("aws", _task(1))
-    assert t.submit(_result("aws", 1))
+    t.submit(_result("aws", 1))
+    t.release(t.receive(0.0), "tensor 'w' contains NaN or Inf values")  # the engine rejects it
+    assert t.wait_released("aws", 1, 0.0) == Verdict(True, "tensor 'w' contains NaN or Inf values")
+    t.send("aws", _task(2))
+    t.submit(_result("aws", 2))
     t.close()  # a closing server answers every waiting push
-    assert t.wait_released("aws", 1, 10.0) is True
+    assert t.wait_released("aws", 2, 10.0) == Verdict(False)
 
 
 def test_dev_certs_have_sans_and_chain(tmp_path):
@@ -159,7 +166,7 @@ def test_streams_payloads_far_beyond_the_message_limit(loopback):
     pulled = session.pull()
     assert pulled.status == "task" and bytes(pulled.task.payload) == model
     assert pulled.task.options == {"prox_mu": 0.1} and pulled.task.steps == 5
-    update = encode_payload({"w": -big}, kind="update", round=0, client="aws")
+    update = encode_payload({"w": -big}, kind="update", round=0, client="aws", base_version=0)
     assert session.push(ClientResult("aws", 0, 0, update, num_tokens=77, train_loss=2.5))
     got = transport.receive(5.0)
     assert bytes(got.payload) == update and got.num_tokens == 77 and got.train_loss == 2.5
@@ -184,13 +191,14 @@ def test_a_plain_protobuf_client_interoperates(loopback):
     session.register(5)
     transport.send("aws", TrainTask(0, 0, b"m" * 200_000, 1))
     stub = pb_grpc.FederationStub(session.channel)
-    chunks = list(stub.PullTask(pb.PullRequest(protocol_version=1, name="aws", session_id=session.session_id)))
+    meta = call_metadata(PROTOCOL_VERSION, "aws", session=session.session_id)
+    chunks = list(stub.PullTask(pb.PullRequest(protocol_version=PROTOCOL_VERSION, name="aws", session_id=session.session_id), metadata=meta))
     assert chunks[0].header.payload_bytes == 200_000 and b"".join(c.data for c in chunks[1:]) == b"m" * 200_000
-    update = encode_payload({"w": torch.ones(70_000)}, kind="update")
-    head = pb.UpdateHeader(protocol_version=1, name="aws", session_id=session.session_id, round=0,
+    update = encode_payload({"w": torch.ones(70_000)}, kind="update", round=0, client="aws", base_version=0)
+    head = pb.UpdateHeader(protocol_version=PROTOCOL_VERSION, name="aws", session_id=session.session_id, round=0,
                            num_tokens=9, payload_bytes=len(update))
     msgs = [pb.UpdateChunk(header=head)] + [pb.UpdateChunk(data=update[i : i + 50_000]) for i in range(0, len(update), 50_000)]
-    assert stub.PushUpdate(iter(msgs)).accepted
+    assert stub.PushUpdate(iter(msgs), metadata=meta).accepted
     assert bytes(transport.receive(5.0).payload) == update
     session.close()
 
@@ -201,7 +209,7 @@ def test_wrong_token_is_an_auth_error(loopback):
     with pytest.raises(AuthError, match="UNAUTHENTICATED"):
         session.register(0)
     stranger = FederationSession(ClientOptions(f"127.0.0.1:{port}", "oracle", "aws-secret-token", insecure=True))
-    with pytest.raises(AuthError, match="not one of this experiment's clients"):
+    with pytest.raises(AuthError, match="unknown client or wrong token"):
         stranger.register(0)
 
 

@@ -155,23 +155,3 @@ def test_real_clients_send_masked_updates_whose_secure_mean_is_fedavg():
         assert torch.allclose(outcome.update.delta[k], fedavg[k], atol=1e-6), k
 
 
-def test_grpc_transport_takes_one_result_per_stage_of_a_round():
-    from skyfed.runtime.grpc.transport import GrpcTransport, RoundClosedError
-
-    t = GrpcTransport(["aws"])
-    for stage in ["keys", "shares"]:
-        t.send("aws", TrainTask(4, 1, b"", 0, {"secagg": {"stage": stage}}))
-        assert t.check_open("aws", 4, stage) is False
-        with pytest.raises(RoundClosedError):
-            t.check_open("aws", 4, "update")  # the open task is a control stage
-        assert t.submit(ClientResult("aws", 4, 1, b"x", meta={"secagg_stage": stage}))
-        assert t.check_open("aws", 4, stage) is True  # a repeat is a duplicate
-        result = t.receive(1.0)
-        assert result.meta["secagg_stage"] == stage
-        assert t.wait_released("aws", 4, 0.0, stage) is False
-        t.release(result)
-        assert t.wait_released("aws", 4, 0.0, stage) is True
-    t.send("aws", TrainTask(4, 1, b"model", 3, {"secagg": {"stage": "mask", "bundle": {}}}))
-    assert t.check_open("aws", 4) is False  # the training task's result is the round's update
-    assert t.submit(ClientResult("aws", 4, 1, b"masked"))
-    assert t.check_open("aws", 4) is True

@@ -36,9 +36,9 @@ class Transport(ABC):
         return True
 
     def release(self, result: ClientResult, rejection: str | None = None) -> None:
-        """The engine is done with `result` (decoded and folded, kept, or ignored): a
-        transport may now answer its sender (the gRPC one answers the push then), with
-        `rejection`, the reason, when the update was refused."""
+        """The engine is done with `result` (decoded and folded, kept, ignored, or rejected
+        for the reason `rejection`): a transport may now answer its sender (the gRPC one
+        answers the push then, and tells the client the rejection)."""
 
     def checkpoint_parts(self) -> dict[str, Any]:
         """Stateful parts of this transport for the run's checkpoint, by name. A part named

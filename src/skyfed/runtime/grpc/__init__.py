@@ -5,5 +5,5 @@ The server runs the same `Engine` and strategies as the simulation through
 (package `skyfed.v1`); models and updates travel as skyfed wire bytes in chunks.
 """
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: identity in call metadata, checked before any message is read
 DEFAULT_CHUNK_BYTES = 4 * 2**20

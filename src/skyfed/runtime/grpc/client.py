@@ -36,7 +36,9 @@ from skyfed.federation.messages import ClientResult, TrainTask
 from skyfed.runtime.grpc import DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION
 from skyfed.runtime.grpc import skyfed_pb2 as pb
 from skyfed.runtime.grpc import skyfed_pb2_grpc as pb_grpc
+from skyfed.runtime.grpc.auth import call_metadata
 from skyfed.runtime.grpc.chunks import Assembler, iter_views
+from skyfed.runtime.grpc.client_config import PRIVATE_CORPUS
 from skyfed.runtime.grpc.rawchunks import data_of, encode_data_chunk, pull_call, push_call
 from skyfed.runtime.grpc.security import channel_credentials, channel_options
 
@@ -72,6 +74,13 @@ class Pulled:
 
 def _fail_message(err: grpc.RpcError) -> str:
     return f"{err.code().name}: {err.details()}"
+
+
+def _transient(err: grpc.RpcError) -> bool:
+    """Worth retrying: the server is unreachable or busy (its concurrent-call limits)."""
+    if err.code() in TRANSIENT:
+        return True
+    return err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "concurrent" in (err.details() or "").lower()
 
 
 class FederationSession:
@@ -115,7 +124,7 @@ class FederationSession:
                     self.session_id = ""
                     self.register(self.num_tokens)
                     continue
-                if code not in TRANSIENT:
+                if not _transient(err):
                     raise
                 now = time.monotonic()
                 failing_since = failing_since or now
@@ -137,12 +146,16 @@ class FederationSession:
 
     # ------------------------------------------------------------ RPCs
 
+    def _metadata(self, register: bool = False) -> list[tuple[str, str]]:
+        if register:
+            return call_metadata(self.opts.protocol_version, self.opts.name, token=self.opts.token)
+        return call_metadata(self.opts.protocol_version, self.opts.name, session=self.session_id)
+
     def register(self, num_tokens: int = 0) -> pb.RegisterReply:
         self.num_tokens = num_tokens
-        req = pb.RegisterRequest(protocol_version=self.opts.protocol_version, name=self.opts.name,
-                                 token=self.opts.token, num_tokens=num_tokens)
+        req = pb.RegisterRequest(protocol_version=self.opts.protocol_version, name=self.opts.name, num_tokens=num_tokens)
         try:
-            reply = self._retrying("register", lambda: self.stub.Register(req, timeout=60))
+            reply = self._retrying("register", lambda: self.stub.Register(req, timeout=60, metadata=self._metadata(True)))
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise AuthError(f"the server refused client {self.opts.name!r}: {_fail_message(err)}") from None
@@ -156,7 +169,7 @@ class FederationSession:
         def call() -> Pulled:
             req = pb.PullRequest(protocol_version=self.opts.protocol_version, name=self.opts.name,
                                  session_id=self.session_id, wait_s=self.opts.pull_wait_s)
-            stream = self._pull(req)
+            stream = self._pull(req, metadata=self._metadata())
             h = pb.TaskChunk.FromString(next(stream)).header
             if h.status == pb.DONE:
                 return Pulled("done")
@@ -184,10 +197,10 @@ class FederationSession:
             for view in iter_views(payload, self.chunk_bytes):
                 yield encode_data_chunk(view)
 
-        return self._push(messages())
+        return self._push(messages(), metadata=self._metadata())
 
     def push(self, result: ClientResult) -> bool:
-        """Send a result (retrying transient failures); False if the server refused it."""
+        """Send a result (retrying transient failures); False if the server refused or rejected it."""
         payload = result.payload or b""
         header = pb.UpdateHeader(
             round=result.round, base_version=result.base_version, num_tokens=result.num_tokens,
@@ -198,7 +211,13 @@ class FederationSession:
         try:
             reply = self._retrying(f"push round {result.round}", lambda: self.push_raw(header, payload))
         except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.ALREADY_EXISTS:  # a retry after a lost reply
+                log.warning("round %d: the server already has this round's update (%s)", result.round, err.details())
+                return True
             log.error("the server refused the round %d update: %s", result.round, _fail_message(err))
+            return False
+        if not reply.accepted:
+            log.error("round %d: the server rejected the update: %s", result.round, reply.message)
             return False
         log.info("round %d: %s", result.round, reply.message)
         return True
@@ -237,6 +256,10 @@ def _local_tokens(cfg: ExperimentConfig, name: str, data: Path | None, tokenizer
     spec = next(c for c in cfg.federation.clients if c.name == name)
     path = data if data is not None else spec.data
     if path is None:  # the same partition a simulation client of this name trains on
+        if cfg.data.path == PRIVATE_CORPUS:
+            raise ConfigError(
+                f"client {name!r} has no data: the server's corpus is a path on the server; pass --data PATH"
+            )
         return prepare_data(cfg).client_tokens[name]
     shard = tokenize_documents(read_documents(path, cfg.data.format), tokenizer, tok_key, cache_dir())
     need = cfg.train.seq_len + 2

@@ -25,7 +25,8 @@ def add_commands(app: typer.Typer) -> None:
         tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="server certificate (PEM)", envvar="SKYFED_TLS_CERT"),
         tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="server private key (PEM)", envvar="SKYFED_TLS_KEY"),
         client_ca: Optional[Path] = typer.Option(None, "--client-ca", help="CA that signs client certificates (mutual TLS)", envvar="SKYFED_CLIENT_CA"),
-        tokens: Optional[Path] = typer.Option(None, "--tokens", help="per-client secrets: YAML 'name: token' lines", envvar="SKYFED_TOKENS_FILE"),
+        tokens: Optional[Path] = typer.Option(None, "--tokens", help="per-client secrets: YAML 'name: token' lines (required unless --open)", envvar="SKYFED_TOKENS_FILE"),
+        open_: bool = typer.Option(False, "--open", help="run without tokens: anyone who knows a client's name may join (logged as a warning)"),
         insecure: bool = typer.Option(False, "--insecure", help="serve PLAINTEXT (no TLS)"),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/NAME-TIME)"),
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last complete round"),
@@ -34,15 +35,25 @@ def add_commands(app: typer.Typer) -> None:
         metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics and a status page (/) on this port (needs prometheus-client)"),
         metrics_bind: str = typer.Option("127.0.0.1", "--metrics-bind", help="address for --metrics-port (0.0.0.0: every interface)"),
         metrics_linger: float = typer.Option(0.0, "--metrics-linger", help="keep serving metrics this many seconds after the run is over"),
+        stream_timeout: float = typer.Option(900.0, "--stream-timeout", help="cancel any call running longer than this (seconds)"),
+        idle_timeout: float = typer.Option(60.0, "--idle-timeout", help="cancel a call whose peer sends or takes nothing for this long (seconds)"),
+        max_calls_per_client: int = typer.Option(4, "--max-calls-per-client", help="calls in progress at once per client; more are refused"),
+        max_calls_per_peer: int = typer.Option(32, "--max-calls-per-peer", help="calls in progress at once per peer IP address; more are refused"),
+        session_ttl: float = typer.Option(600.0, "--session-ttl", help="--open: a name stays with its address until its session is silent this long (seconds)"),
     ) -> None:
         """Run the aggregation server of a real deployment (gRPC)."""
         from skyfed.config import load_config
+        from skyfed.runtime.grpc.auth import check_token_choice
+        from skyfed.runtime.grpc.limits import CallBounds
         from skyfed.runtime.grpc.server import ServerOptions, run_server
 
+        check_token_choice(tokens, open_)  # no tokens and no --open: one line and exit 2, before anything else
         _verbose()
         cfg = load_config(config, preset, set_)
+        bounds = CallBounds(max_calls_per_client, max_calls_per_peer, stream_timeout, idle_timeout, session_ttl)
         opts = ServerOptions(listen, tls_cert, tls_key, client_ca, tokens, insecure, out, resume, join_timeout, int(chunk_mib * 2**20),
-                             metrics_port=metrics_port, metrics_bind=metrics_bind, metrics_linger_s=metrics_linger)
+                             metrics_port=metrics_port, metrics_bind=metrics_bind, metrics_linger_s=metrics_linger,
+                             open=open_, bounds=bounds)
         run_dir, summary = run_server(cfg, opts)
         typer.echo(f"done: {summary['rounds']} rounds, val_ppl {summary['final']['val_ppl']:.2f}; run directory {run_dir.path}")
 

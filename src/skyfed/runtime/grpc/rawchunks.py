@@ -62,13 +62,17 @@ def identity(raw: bytes) -> bytes:
 
 
 def add_servicer(servicer: Any, server: grpc.Server) -> None:
-    """Register the Federation service with raw-bytes chunk (de)serializers."""
+    """Register the Federation service with raw-bytes chunk (de)serializers.
+
+    Every method takes a request *stream* on the server side (the wire is the same as a
+    unary request), so its handler starts when the call's metadata arrives: it checks
+    the caller's identity before it reads, or waits for, any request message."""
     handlers = {
-        "Register": grpc.unary_unary_rpc_method_handler(
-            servicer.Register, request_deserializer=pb.RegisterRequest.FromString, response_serializer=serialize
+        "Register": grpc.stream_unary_rpc_method_handler(
+            servicer.Register, request_deserializer=identity, response_serializer=serialize
         ),
-        "PullTask": grpc.unary_stream_rpc_method_handler(
-            servicer.PullTask, request_deserializer=pb.PullRequest.FromString, response_serializer=serialize
+        "PullTask": grpc.stream_stream_rpc_method_handler(
+            servicer.PullTask, request_deserializer=identity, response_serializer=serialize
         ),
         "PushUpdate": grpc.stream_unary_rpc_method_handler(
             servicer.PushUpdate, request_deserializer=identity, response_serializer=serialize

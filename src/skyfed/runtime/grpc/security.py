@@ -33,7 +33,11 @@ def channel_options(chunk_bytes: int) -> list[tuple[str, int]]:
 
 
 def server_options(chunk_bytes: int) -> list[tuple[str, int]]:
-    return channel_options(chunk_bytes) + [
+    """The channel options, but a server receives at most a chunk (plus margin) per message:
+    clients send small requests and chunks of the size the server tells them."""
+    receive = ("grpc.max_receive_message_length", 2 * chunk_bytes + 2**20)
+    return [o for o in channel_options(chunk_bytes) if o[0] != receive[0]] + [
+        receive,
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ("grpc.so_reuseport", 0),
     ]

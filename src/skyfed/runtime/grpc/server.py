@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,9 @@ from skyfed.federation.engine import EventSink
 from skyfed.metrics import RunDir
 from skyfed.runtime.assemble import assemble, finish
 from skyfed.runtime.grpc import DEFAULT_CHUNK_BYTES
-from skyfed.runtime.grpc.auth import load_tokens
+from skyfed.runtime.grpc.auth import require_tokens
+from skyfed.runtime.grpc.client_config import client_config
+from skyfed.runtime.grpc.limits import CallBounds, max_concurrent_rpcs, worker_threads
 from skyfed.runtime.grpc.rawchunks import add_servicer
 from skyfed.runtime.grpc.security import server_credentials, server_options
 from skyfed.runtime.grpc.servicer import FederationServicer
@@ -52,6 +54,8 @@ class ServerOptions:
     metrics_port: int | None = None  # Prometheus /metrics + status page (runtime/grpc/monitor.py); 0 = any free port
     metrics_bind: str = "127.0.0.1"
     metrics_linger_s: float = 0.0  # keep serving metrics this long after a finished run
+    open: bool = False  # run without tokens (explicitly); else tokens_file is required
+    bounds: CallBounds = field(default_factory=CallBounds)  # call limits and deadlines
 
 
 def tokenizer_files(tokenizer) -> dict[str, bytes]:
@@ -71,9 +75,11 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
     if opts.resume and opts.out is None:
         raise ConfigError("--resume needs --out: the run directory of the interrupted run")
     creds = server_credentials(opts.tls_cert, opts.tls_key, opts.client_ca, opts.insecure)
-    tokens = load_tokens(opts.tokens_file) if opts.tokens_file else None
-    if tokens is None:
-        log.warning("no --tokens file: any client that knows a configured name can join")
+    tokens = require_tokens(opts.tokens_file, opts.open)
+    if cfg.security.secure_aggregation:
+        raise ConfigError(
+            "security.secure_aggregation runs in the simulation; the gRPC server does not carry its set-up stages yet"
+        )
     if cfg.federation.round_timeout_s is None:
         log.warning("federation.round_timeout_s is not set: a round waits for a client that died until it comes back")
     names = [c.name for c in cfg.federation.clients]
@@ -83,17 +89,20 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
             raise ConfigError(f"tokens file {opts.tokens_file} has no token for client(s) {', '.join(missing)}")
     servers: list[grpc.Server] = []
     monitors: list = []
+    servicers: list[FederationServicer] = []
 
     def serve(cfg: ExperimentConfig, data, device, emit: EventSink) -> GrpcTransport:
         """The transport, and the gRPC server that feeds it, listening before the model is built."""
         transport = GrpcTransport(names)
+        # per-client configs (no server paths, no other client's data), call bounds, mutual TLS identity
         servicer = FederationServicer(
-            transport, dump_config(cfg), tokenizer_files(data.tokenizer), tokens, cfg.federation.max_update_bytes,
-            opts.chunk_bytes,
+            transport, {n: client_config(cfg, n) for n in names}, tokenizer_files(data.tokenizer), tokens,
+            cfg.federation.max_update_bytes, opts.chunk_bytes, bounds=opts.bounds, mutual_tls=opts.client_ca is not None,
         )
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max(8, 2 * len(names) + 4)), options=server_options(opts.chunk_bytes)
-        )
+        servicers.append(servicer)
+        workers = worker_threads(len(names), opts.bounds)  # a pool sized to the bounds
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=server_options(opts.chunk_bytes),
+                             maximum_concurrent_rpcs=max_concurrent_rpcs(workers))
         if opts.metrics_port is not None:
             from skyfed.runtime.grpc.monitor import ServerMonitor
 
@@ -118,6 +127,7 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
         transport: GrpcTransport = run.transport  # type: ignore[assignment]
         for monitor in monitors:  # round-level gauges
             run.engine.observers.insert(0, monitor)
+        servicers[0].limit_update_size(run.engine.core.spec, cfg.compression.uplink)  # no allocation beyond it
         log.info("waiting for clients %s", names)
         ready = transport.wait_for_clients(cfg.federation.min_clients, opts.join_timeout_s)
         log.info("clients ready: %s; starting at round %d", ready, run.engine.next_round)
@@ -137,5 +147,7 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
     finally:
         for server in servers:
             server.stop(grace=2).wait()
+        for servicer in servicers:
+            servicer.close()
         for monitor in monitors:  # linger only after a finished run
             monitor.close(opts.metrics_linger_s if sys.exc_info()[0] is None else 0.0)

@@ -9,14 +9,15 @@ Synchronous-mode rules (enforced in `submit`):
 
 - a client has at most one open task, the latest one sent; a new round's task
   replaces an unfinished older one, so a restarted client never trains a stale round;
-- an update is accepted only for the client's open round; one for a past (or
-  future) round is refused with `RoundClosedError`;
-- the same (client, round, stage) is accepted once; a repeat is a harmless duplicate.
-  The stage is "update" except for secure aggregation's control messages ("keys",
-  "shares", "unmask": several per client and round, one at a time; `stage_of`).
+- an update is accepted only for the client's open round and built on the model
+  version it was sent; one for a past (or future) round, or another base version, is
+  refused with `RoundClosedError`;
+- the same (client, round) is accepted once; a second push is refused with
+  `AlreadyReceivedError` (the first, or its refusal, stands).
 
 Backpressure: the servicer answers a push only once the engine has released the update
-(`release`: decoded and folded into the round's aggregate), or after `wait_released`'s
+(`release`: decoded and folded into the round's aggregate, or rejected with a reason
+that `wait_released` hands to the servicer for the client), or after `wait_released`'s
 timeout. A client's next upload then never overlaps the server still folding its last
 one, so the server holds the running aggregate, the update being folded and the
 uploads in flight, never a queue of received updates.
@@ -41,6 +42,19 @@ class RoundClosedError(SkyfedError):
     """An update for a round that is not open for this client."""
 
 
+class AlreadyReceivedError(SkyfedError):
+    """A second update from the same client for the same round."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What became of a pushed update: released by the engine (folded, or rejected with a
+    reason) or still held when the wait ended."""
+
+    released: bool
+    rejection: str | None = None
+
+
 @dataclass
 class ClientRecord:
     """What the server knows about one configured client."""
@@ -59,19 +73,6 @@ class ClientRecord:
         return self.session is not None and self.num_tokens > 0
 
 
-CONTROL_STAGES = ("keys", "shares", "unmask")
-
-
-def stage_of(task: TrainTask | None = None, meta: dict | None = None) -> str:
-    """A task's or a result's stage: a secure-aggregation control stage, else "update"."""
-    if task is not None:
-        info = task.options.get("secagg")
-        stage = info.get("stage") if isinstance(info, dict) else None
-    else:
-        stage = (meta or {}).get("secagg_stage")
-    return stage if stage in CONTROL_STAGES else "update"
-
-
 class GrpcTransport(Transport):
     def __init__(self, names: list[str]):
         self._names = list(names)
@@ -79,8 +80,9 @@ class GrpcTransport(Transport):
         self.clients = {n: ClientRecord(n, i) for i, n in enumerate(names)}
         self._open: dict[str, TrainTask] = {}
         self._results: deque[ClientResult] = deque()
-        self._accepted: set[tuple[str, int, str]] = set()
-        self._held: set[tuple[str, int, str]] = set()  # queued or in the engine's hands, not released
+        self._accepted: set[tuple[str, int]] = set()
+        self._held: set[tuple[str, int]] = set()  # queued or in the engine's hands, not released
+        self._rejections: dict[tuple[str, int], str] = {}  # released with a rejection, not yet told
         self._done = False
 
     # ------------------------------------------------------------ engine side
@@ -107,8 +109,12 @@ class GrpcTransport(Transport):
             return self._results.popleft()
 
     def release(self, result: ClientResult, rejection: str | None = None) -> None:
+        """The engine is done with `result`; `rejection` says why it refused it (None: taken)."""
         with self._cond:
-            self._held.discard((result.client, result.round, stage_of(meta=result.meta)))
+            key = (result.client, result.round)
+            if rejection is not None and key in self._held:
+                self._rejections[key] = rejection
+            self._held.discard(key)
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -140,28 +146,33 @@ class GrpcTransport(Transport):
                     return None
                 self._cond.wait(left)
 
-    def check_open(self, client: str, round: int, stage: str = "update") -> bool:
-        """True if (client, round, stage) was already accepted (a duplicate); raise if it is not open."""
+    def check_open(self, client: str, round: int, base_version: int | None = None) -> None:
+        """Raise unless an update from `client` for `round` (built on `base_version`) may come now."""
         with self._cond:
-            if (client, round, stage) in self._accepted:
-                return True
-            task = self._open.get(client)
-            if task is None or task.round != round or stage_of(task) != stage:
-                current = "none" if task is None else str(task.round)
-                raise RoundClosedError(
-                    f"round {round} is not open for client {client!r} (its open round: {current}); update refused"
-                )
-            return False
+            self._check_open(client, round, base_version)
 
-    def submit(self, result: ClientResult) -> bool:
-        """Queue a result for the engine; False if it is a duplicate (already accepted)."""
+    def _check_open(self, client: str, round: int, base_version: int | None) -> None:
+        if (client, round) in self._accepted:
+            raise AlreadyReceivedError(
+                f"client {client!r} already pushed its round {round} update (or had it refused); one push per round"
+            )
+        task = self._open.get(client)
+        if task is None or task.round != round:
+            current = "none" if task is None else str(task.round)
+            raise RoundClosedError(
+                f"round {round} is not open for client {client!r} (its open round: {current}); update refused"
+            )
+        if base_version is not None and base_version != task.version:
+            raise RoundClosedError(
+                f"client {client!r}: the round {round} update says it is built on model version {base_version}, "
+                f"but the task sent it version {task.version}; update refused"
+            )
+
+    def submit(self, result: ClientResult) -> None:
+        """Queue a result for the engine; raise if its round is not open or already received."""
         with self._cond:
-            key = (result.client, result.round, stage_of(meta=result.meta))
-            if key in self._accepted:
-                return False
-            task = self._open.get(result.client)
-            if task is None or task.round != result.round or stage_of(task) != key[2]:
-                raise RoundClosedError(f"round {result.round} is not open for client {result.client!r}; update refused")
+            self._check_open(result.client, result.round, None)
+            key = (result.client, result.round)
             self._accepted.add(key)
             if result.payload is not None:
                 self._held.add(key)
@@ -169,18 +180,18 @@ class GrpcTransport(Transport):
             self.clients[result.client].rounds_submitted.append(result.round)
             self._results.append(result)
             self._cond.notify_all()
-            return True
 
-    def wait_released(self, client: str, round: int, timeout_s: float, stage: str = "update") -> bool:
-        """Wait until the engine has released (client, round, stage)'s result; False on timeout."""
+    def wait_released(self, client: str, round: int, timeout_s: float) -> Verdict:
+        """Wait until the engine has released (client, round)'s update, with its rejection if any."""
         end = time.monotonic() + timeout_s
+        key = (client, round)
         with self._cond:
-            while (client, round, stage) in self._held and not self._done:
+            while key in self._held and not self._done:
                 left = end - time.monotonic()
                 if left <= 0:
-                    return False
+                    return Verdict(False)
                 self._cond.wait(left)
-            return True
+            return Verdict(key not in self._held, self._rejections.pop(key, None))
 
     # ------------------------------------------------------------ registry
 
