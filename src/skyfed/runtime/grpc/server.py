@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from skyfed.config import ExperimentConfig, dump_config
+from skyfed.config import ExperimentConfig
 from skyfed.errors import ConfigError
 from skyfed.federation.engine import EventSink
 from skyfed.metrics import RunDir
