@@ -39,8 +39,11 @@ class PartitionConfig(Section):
 
 
 class DataConfig(Section):
-    path: str = "wikitext2"  # "wikitext2" = the bundled copy; or a file, folder or .jsonl
-    format: Literal["auto", "wikitext", "txt", "jsonl"] = "auto"
+    # "wikitext2" = the bundled copy; or a file, a folder (.txt, .jsonl, .parquet), a .jsonl or
+    # .parquet file, or a folder written by datasets' save_to_disk (skyfed.data.records)
+    path: str = "wikitext2"
+    format: Literal["auto", "wikitext", "txt", "jsonl", "parquet", "datasets"] = "auto"
+    text_column: str = Field("text", min_length=1)  # of JSONL records, Parquet and datasets tables
     valid_path: str | None = None  # defaults to the corpus' own valid split, else carved
     valid_fraction: float = Field(0.05, gt=0, lt=1)
     max_train_tokens: int | None = Field(None, gt=0)  # truncate (smoke runs)

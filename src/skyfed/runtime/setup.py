@@ -50,8 +50,10 @@ def apply_threads(cfg: ExperimentConfig) -> None:
 def prepare_data(cfg: ExperimentConfig) -> PreparedData:
     """Load, tokenize (cached) and partition the corpus; clients with `data` get their own."""
     d = cfg.data
-    corpus = load_corpus(d.path, d.format, d.valid_path, d.valid_fraction, cfg.seed)
-    # --- finetune: a pretrained model's own tokenizer; data.topics selects documents
+    # --- finetune: data.text_column; a folder of too few files is read as paragraphs (one doc per
+    # client at least); a pretrained model's own tokenizer; data.topics selects documents
+    n_shared = max(1, sum(1 for c in cfg.federation.clients if c.data is None))
+    corpus = load_corpus(d.path, d.format, d.valid_path, d.valid_fraction, cfg.seed, d.text_column, n_shared)
     tokenizer, tok_key = experiment_tokenizer(cfg, corpus.train, cache_dir())
     train = tokenize_documents(corpus.train, tokenizer, tok_key, cache_dir())
     valid = tokenize_documents(corpus.valid, tokenizer, tok_key, cache_dir())
@@ -78,7 +80,8 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
             client_tokens[name], client_docs[name] = shard.tokens, shard.num_docs
     for spec in specs:
         if spec.data is not None:
-            shard = tokenize_documents(read_documents(spec.data, d.format), tokenizer, tok_key, cache_dir())
+            docs = read_documents(spec.data, d.format, d.text_column)  # finetune: text_column
+            shard = tokenize_documents(docs, tokenizer, tok_key, cache_dir())
             client_tokens[spec.name], client_docs[spec.name] = shard.tokens, shard.num_docs
     for name, tokens in client_tokens.items():
         if len(tokens) < need:

@@ -238,7 +238,7 @@ def _local_tokens(cfg: ExperimentConfig, name: str, data: Path | None, tokenizer
     path = data if data is not None else spec.data
     if path is None:  # the same partition a simulation client of this name trains on
         return prepare_data(cfg).client_tokens[name]
-    shard = tokenize_documents(read_documents(path, cfg.data.format), tokenizer, tok_key, cache_dir())
+    shard = tokenize_documents(read_documents(path, cfg.data.format, cfg.data.text_column), tokenizer, tok_key, cache_dir())
     need = cfg.train.seq_len + 2
     if shard.num_tokens < need:
         raise DataError(f"{path}: {shard.num_tokens} training tokens, need at least {need} for one window")
