@@ -196,3 +196,40 @@ def test_lora_model_federates_only_the_adapter():
     with pytest.raises(ConfigError, match="model.peft"):
         build_model("gpt2-micro", 512, 0, peft=load_config(
             preset="smoke", overrides=["model.peft.method=lora", "model.peft.target_modules=[nope]"]).model.peft)
+
+
+def test_a_resumed_lora_run_equals_an_uninterrupted_one(pretrained, tmp_path):
+    """The server stops after round 0 and resumes from its checkpoint (the clients live on,
+    as in a deployment): the adapter after round 1 equals an uninterrupted run's."""
+    from skyfed.federation.engine import Engine
+    from skyfed.federation.strategies import build_strategy
+    from skyfed.metrics import RunDir
+    from skyfed.model import federated_parameter_names
+    from skyfed.runtime.inprocess import InProcessTransport
+    from skyfed.runtime.setup import make_client, make_evaluator, new_model, prepare_data
+
+    cfg = load_config(preset="smoke", overrides=[f"model.path={pretrained / 'model'}", "model.peft.method=lora",
+                                                 "model.peft.r=4", "train.lr=0.01", "compression.uplink=[int8]"])
+    data = prepare_data(cfg)
+    cpu = torch.device("cpu")
+
+    def clients():
+        return [make_client(cfg, c.name, i, data.client_tokens[c.name], data.tokenizer, cpu)
+                for i, c in enumerate(cfg.federation.clients)]
+
+    def engine(run_dir, transport):
+        model = new_model(cfg, data.tokenizer)
+        return Engine(cfg, transport, model, federated_parameter_names(model), build_strategy("fedavg", {}),
+                      make_evaluator(cfg, data.valid.tokens, cpu), RunDir(run_dir))
+
+    whole = engine(tmp_path / "whole", InProcessTransport(clients()))
+    whole.run()
+    survivors = InProcessTransport(clients())
+    first = engine(tmp_path / "split", survivors)
+    first.run_round(0)  # checkpoints the server state
+    second = engine(tmp_path / "split", survivors)
+    second.resume()
+    second.run()
+    assert set(second.params) == set(whole.params) and all("lora_" in n for n in whole.params)
+    for name, t in whole.params.items():
+        assert torch.equal(second.params[name], t), name
