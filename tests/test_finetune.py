@@ -1,8 +1,9 @@
 """Fine-tuning a pretrained model: its own tokenizer, a mismatched one refused, LoRA adapters
 on the wire, the adapter and the merged model in the run directory.
 
-The pretrained model is made here: a sequential-baseline run of the smoke preset on
-WikiText-2 topics 0-2 (of 4); its `model/` folder is a Hugging Face model with its tokenizer.
+The pretrained model (tests/finetune_fixtures.py) is a sequential-baseline run of the smoke
+preset on WikiText-2 topics 0-2 (of 4); its `model/` folder is a Hugging Face model with its
+tokenizer.
 """
 
 import json
@@ -12,21 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
+from finetune_fixtures import PRETRAIN, pretrained  # noqa: F401  (a fixture)
 from safetensors import safe_open
 
 from skyfed.config import load_config
 from skyfed.errors import ConfigError
-
-TOPICS = ["--set", "data.partition.num_topics=4"]
-PRETRAIN = ["--preset", "smoke", "--set", "model.preset=gpt2-tiny", "--set", "model.overrides.n_embd=256", *TOPICS]
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, shared_cache) -> Path:
-    out = tmp_path_factory.mktemp("pretrain") / "run"
-    res = run_cli("run", *PRETRAIN, "--set", "data.topics=[0,1,2]", "--baseline", "sequential", "--out", str(out))
-    assert res.returncode == 0, res.stderr[-2000:]
-    return out
 
 
 def _evaluate(model_dir: Path, overrides: list[str]):
