@@ -1,7 +1,7 @@
 """Pretrain on some WikiText-2 topics, then fine-tune federated on the others (LoRA and full).
 
-    PYTHONPATH=src python bench/finetune.py                      # ~15 min on a shared 2-core machine
-    PYTHONPATH=src python bench/finetune.py --pretrain-rounds 2 --rounds 2 --steps 10   # quicker
+    PYTHONPATH=src python bench/finetune.py                      # ~25 min on a loaded 2-core machine
+    PYTHONPATH=src python bench/finetune.py --pretrain-rounds 6 --rounds 4 --steps 40   # longer
 
 1. `skyfed run --baseline sequential` of the default experiment (gpt2-tiny, a 4096-token
    BPE) on topics 0-5 of 8 (`data.topics`, k-means topics of skyfed.data.topics): the
@@ -75,9 +75,10 @@ def run_summary(run_dir: Path, fp32_payload: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pretrain-rounds", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--pretrain-rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--final-batches", type=int, default=20)
     ap.add_argument("--lora-lr", type=float, default=5e-3)
     ap.add_argument("--full-lr", type=float, default=1e-3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
@@ -87,7 +88,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    common = ["threads=1", "data.partition.num_topics=8", f"train.local_steps={args.steps}", "train.warmup_steps=5"]
+    common = ["threads=1", "data.partition.num_topics=8", f"train.local_steps={args.steps}", "train.warmup_steps=5",
+              f"eval.final_max_batches={args.final_batches}"]
     work = Path(tempfile.mkdtemp(prefix="skyfed-finetune-"))
     started = time.perf_counter()
     pre = work / "pretrain"
@@ -119,6 +121,8 @@ def main() -> None:
         "loadavg": os.getloadavg(),
         "pretrain": {"topics": [0, 1, 2, 3, 4, 5], "val_ppl_own_topics": pre_summary["final"]["val_ppl"],
                      "rounds": args.pretrain_rounds, "steps_per_round": 3 * args.steps},
+        "finetune": {"rounds": args.rounds, "local_steps": args.steps, "clients": 3, "strategy": "fedavg",
+                     "lora_lr": args.lora_lr, "full_lr": args.full_lr},
         "finetune_topics": [6, 7],
         "pretrained_on_finetune_topics": before,
         "runs": results,
