@@ -224,3 +224,43 @@ def test_a_resumed_lora_run_equals_an_uninterrupted_one(pretrained, tmp_path):
     assert set(second.params) == set(whole.params) and all("lora_" in n for n in whole.params)
     for name, t in whole.params.items():
         assert torch.equal(second.params[name], t), name
+
+
+def test_a_model_directory_without_a_tokenizer_needs_tokenizer_path(pretrained, tmp_path):
+    import shutil
+
+    from skyfed.runtime.pretrained import experiment_tokenizer
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(pretrained / "model" / name, bare / name)
+    cfg = load_config(preset="smoke", overrides=[f"model.path={bare}"])
+    with pytest.raises(ConfigError, match="has no tokenizer .*; set tokenizer.path"):
+        experiment_tokenizer(cfg, [], tmp_path / "cache")
+    cfg = load_config(preset="smoke", overrides=[f"model.path={bare}", f"tokenizer.path={pretrained / 'model'}"])
+    assert len(experiment_tokenizer(cfg, [], tmp_path / "cache")[0]) == 512
+
+
+def test_select_topics_keeps_whole_topics_of_both_splits():
+    import numpy as np
+
+    from skyfed.data.shards import TokenShard
+    from skyfed.data.topics import select_topics
+
+    rng = np.random.default_rng(0)
+
+    def shard(kinds):  # kind 0 documents use ids 0-9, kind 1 documents ids 10-19
+        docs = [rng.integers(10 * k, 10 * k + 10, size=50) for k in kinds]
+        offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
+        return TokenShard(np.concatenate(docs).astype(np.uint16), offsets)
+
+    train, valid = shard([0, 1, 0, 1, 1, 0, 0, 1]), shard([1, 0, 1])
+    parts = [select_topics(train, valid, [k], 2, seed=5) for k in (0, 1)]
+    kinds = [{int(t.tokens[0]) // 10 for t in (tr.subset([i]) for i in range(tr.num_docs))} for tr, _ in parts]
+    assert sorted(map(len, kinds)) == [1, 1] and kinds[0] != kinds[1]
+    assert parts[0][0].num_docs + parts[1][0].num_docs == 8 and parts[0][1].num_docs + parts[1][1].num_docs == 3
+    for tr, va in parts:  # a topic's validation documents are of the same kind as its training documents
+        assert set(np.asarray(va.tokens) // 10) == set(np.asarray(tr.tokens) // 10)
+    with pytest.raises(ConfigError, match=r"data.topics: topics are 0..1"):
+        select_topics(train, valid, [2], 2, seed=5)
