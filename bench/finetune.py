@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--final-batches", type=int, default=20)
     ap.add_argument("--lora-lr", type=float, default=5e-3)
     ap.add_argument("--full-lr", type=float, default=1e-3)
+    ap.add_argument("--runs", default="lora_r8,lora_r8_int8_up,full", help="which fine-tuning runs, comma-separated")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
     args = ap.parse_args()
     from safetensors import safe_open
@@ -104,6 +105,7 @@ def main() -> None:
         "full": [f"train.lr={args.full_lr}"],
     }
     results = {}
+    runs = {k: v for k, v in runs.items() if k in args.runs.split(",")}
     for name, extra in runs.items():
         out = work / name
         cli("run", "--out", str(out), *sets(tune + extra))
