@@ -39,12 +39,18 @@ class PartitionConfig(Section):
 
 
 class DataConfig(Section):
-    path: str = "wikitext2"  # "wikitext2" = the bundled copy; or a file, folder or .jsonl
-    format: Literal["auto", "wikitext", "txt", "jsonl"] = "auto"
+    # "wikitext2" = the bundled copy; or a file, a folder (.txt, .jsonl, .parquet), a .jsonl or
+    # .parquet file, or a folder written by datasets' save_to_disk (skyfed.data.records)
+    path: str = "wikitext2"
+    format: Literal["auto", "wikitext", "txt", "jsonl", "parquet", "datasets"] = "auto"
+    text_column: str = Field("text", min_length=1)  # of JSONL records, Parquet and datasets tables
     valid_path: str | None = None  # defaults to the corpus' own valid split, else carved
     valid_fraction: float = Field(0.05, gt=0, lt=1)
     max_train_tokens: int | None = Field(None, gt=0)  # truncate (smoke runs)
     max_valid_tokens: int | None = Field(None, gt=0)
+    # Keep only the documents (train and valid) of these k-means topics, 0..partition.num_topics-1,
+    # labelled with data.partition.num_topics and seed (skyfed.data.topics.select_topics).
+    topics: list[int] | None = None
     partition: PartitionConfig = PartitionConfig()
 
 
@@ -54,10 +60,25 @@ class TokenizerConfig(Section):
     min_frequency: int = Field(2, ge=1)
 
 
+class PeftSection(Section):
+    """Fine-tune a LoRA adapter (Hu et al. 2021, arXiv:2106.09685) with `peft` instead of
+    every weight: only the adapter's tensors are trained, sent and aggregated."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)  # the update is scaled by alpha / r
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None  # None: peft's default for the architecture
+
+
 class ModelConfig(Section):
     preset: str = "gpt2-tiny"
-    path: str | None = None  # a local pretrained HF model directory (overrides preset)
+    # A local pretrained HF model directory (overrides preset), or a hub-cache folder
+    # (models--org--name or one of its snapshots/<hash>); brings its own tokenizer.
+    path: str | None = None
     overrides: dict[str, Any] = {}  # fields of the transformers config
+    dtype: Literal["float32", "bfloat16"] = "float32"  # of the model's weights
+    peft: PeftSection | None = None  # e.g. {method: lora, r: 8}
 
 
 class TrainConfig(Section):

@@ -65,6 +65,42 @@ def model_config(preset: str, overrides: dict[str, Any], vocab_size: int, eos_id
         raise ConfigError(f"model.overrides: {exc}") from None
 
 
+def resolve_model_dir(path: str | Path) -> Path:
+    """The folder holding a pretrained model's config.json: `path` itself (symlinks resolved),
+    or, for a Hugging Face hub-cache folder ``models--org--name``, its snapshot named by
+    ``refs/main`` (else its only snapshot)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ConfigError(f"model.path: model directory not found: {path}")
+    snapshots = p / "snapshots"
+    if not (p / "config.json").exists() and snapshots.is_dir():
+        ref = p / "refs" / "main"
+        found = sorted(d for d in snapshots.iterdir() if d.is_dir())
+        chosen = snapshots / ref.read_text().strip() if ref.is_file() else (found[0] if len(found) == 1 else None)
+        if chosen is None or not chosen.is_dir():
+            names = ", ".join(d.name for d in found) or "none"
+            raise ConfigError(f"model.path: {path} is a hub cache folder; name one of its snapshots ({names})")
+        p = chosen
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"model.path: {path} is not a Hugging Face model directory (no config.json)")
+    return p.resolve()
+
+
+def embedding_rows(model_dir: str | Path) -> int:
+    """The number of rows of a pretrained model's input embeddings (its config's vocab_size)."""
+    try:
+        cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as exc:
+        raise ConfigError(f"model.path: cannot read the model config in {model_dir}: {exc}") from None
+    rows = getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "text_config", None), "vocab_size", None)
+    if not rows:
+        raise ConfigError(f"model.path: the config in {model_dir} has no vocab_size")
+    return int(rows)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def build_model(
     preset: str = "gpt2-tiny",
     vocab_size: int = 4096,
@@ -72,18 +108,36 @@ def build_model(
     overrides: dict[str, Any] | None = None,
     path: str | None = None,
     seed: int = 0,
+    dtype: str = "float32",
+    peft: Any = None,
 ) -> PreTrainedModel:
-    """A freshly initialised model (seeded), or a pretrained one from a local directory."""
+    """A freshly initialised model (seeded), or a pretrained one from a local directory,
+    in `dtype`; with `peft` (a `skyfed.config.PeftSection`) wrapped as a PEFT model whose
+    only trainable tensors are the adapter's (skyfed.lora)."""
     torch.manual_seed(seed)
     if path is not None:
-        if not Path(path).is_dir():
-            raise ConfigError(f"model.path: model directory not found: {path}")
+        folder = resolve_model_dir(path)
+        rows = embedding_rows(folder)
+        if vocab_size > rows:
+            raise ConfigError(
+                f"model.path: the tokenizer has {vocab_size} tokens but the model in {folder} has {rows} embedding rows"
+            )
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         try:
-            return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=DTYPES[dtype])
         except Exception as exc:
-            raise ConfigError(f"model.path: cannot load a causal LM from {path}: {exc}") from None
-    cfg = model_config(preset, overrides or {}, vocab_size, eos_id)
-    return AutoModelForCausalLM.from_config(cfg)
+            raise ConfigError(f"model.path: cannot load a causal LM from {folder}: {exc}") from None
+    else:
+        cfg = model_config(preset, overrides or {}, vocab_size, eos_id)
+        model = AutoModelForCausalLM.from_config(cfg).to(DTYPES[dtype])
+    if peft is not None:
+        from skyfed.lora import wrap_peft
+
+        torch.manual_seed(seed)  # the adapter's initial factors are the same on every side
+        model = wrap_peft(model, peft)
+    return model
 
 
 def context_length(model: PreTrainedModel) -> int:
@@ -92,7 +146,10 @@ def context_length(model: PreTrainedModel) -> int:
 
 
 def federated_parameter_names(model: torch.nn.Module) -> list[str]:
-    """The named tensors that travel: trainable parameters (tied weights listed once)."""
+    """The named tensors that travel: trainable parameters (tied weights listed once).
+
+    For a PEFT model (LoRA) these are the adapter's tensors only: the frozen base weights
+    never leave a machine, so every strategy and codec works on the adapter."""
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 

@@ -102,7 +102,8 @@ class LocalTrainer:
         if self.cfg.optimizer_state == "reset":
             self.optimizer = self._new_optimizer()
         self.model.train()
-        anchor = [p.detach().clone() for p in self.model.parameters()] if prox_mu > 0 else None
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapter only
+        anchor = [p.detach().clone() for p in trainable] if prox_mu > 0 else None
         losses: list[float] = []
         start = time.perf_counter()
         for i in range(steps):
@@ -117,12 +118,12 @@ class LocalTrainer:
             loss, _ = lm_loss(self.model, batch)
             objective = loss
             if anchor is not None:
-                prox = sum((p - a).pow(2).sum() for p, a in zip(self.model.parameters(), anchor))
+                prox = sum((p - a).pow(2).sum() for p, a in zip(trainable, anchor))
                 objective = loss + 0.5 * prox_mu * prox
             self.optimizer.zero_grad(set_to_none=True)
             objective.backward()
             if self.cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trainable, self.cfg.grad_clip)
             self.optimizer.step()
             self.step += 1
             losses.append(loss.item())

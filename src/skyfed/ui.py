@@ -110,3 +110,5 @@ def print_summary(console: Console, run_dir: Path, summary: dict[str, Any]) -> N
         table.add_row(name, value)
     console.print(table)
     console.print(f"model: {run_dir / 'model'}  (AutoModelForCausalLM.from_pretrained)")
+    if (Path(run_dir) / "adapter").is_dir():
+        console.print(f"adapter: {Path(run_dir) / 'adapter'}  (PeftModel.from_pretrained)")

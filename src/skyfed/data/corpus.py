@@ -1,12 +1,13 @@
-"""Read a text corpus into documents: WikiText files, a folder of .txt files, or JSONL.
+"""Read a text corpus into documents: WikiText files, a folder of .txt files, JSONL,
+Parquet or a Hugging Face `datasets` folder (skyfed.data.records).
 
 A document is the unit that partitioners distribute: a WikiText article (split at
-level-1 ``= Title =`` lines), one .txt file of a folder, or one JSONL record's ``text``.
+level-1 ``= Title =`` lines), one .txt file of a folder (its paragraphs when the folder
+has too few files), one paragraph of a single text file, or one record's text column.
 """
 
 from __future__ import annotations
 
-import json
 import lzma
 import random
 import re
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from skyfed.data.records import datasets_splits, is_datasets_dir, jsonl_texts, parquet_texts
 from skyfed.errors import DataError
 
 BUNDLED = "wikitext2"
@@ -59,41 +61,55 @@ def _text_file_docs(path: Path, fmt: str, whole_file: bool = False) -> list[str]
     return [text.strip()] if whole_file or fmt == "txt" else _split_paragraphs(text)
 
 
-def _jsonl_docs(path: Path) -> list[str]:
-    docs = []
-    for i, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{i}: invalid JSON: {exc.msg}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(f"{path}:{i}: expected an object with a string 'text' field")
-        if record["text"].strip():
-            docs.append(record["text"])
-    return docs
+RECORD_SUFFIXES = (".jsonl", ".parquet")
+TEXT_SUFFIXES = (".txt", ".xz", ".tokens")
 
 
-def read_documents(path: str | Path, fmt: str = "auto") -> list[str]:
-    """All documents under `path` (a file or a folder), in a stable order."""
+def _record_docs(path: Path, fmt: str, column: str) -> list[str]:
+    """One document per record of a JSONL or Parquet file (read as a stream)."""
+    if fmt == "parquet" or path.suffix == ".parquet":
+        return list(parquet_texts(path, column))
+    return list(jsonl_texts(path, column))
+
+
+def _is_record_file(path: Path, fmt: str) -> bool:
+    return fmt in ("jsonl", "parquet") or path.suffix in RECORD_SUFFIXES or path.name.endswith(".jsonl.xz")
+
+
+def read_documents(path: str | Path, fmt: str = "auto", text_column: str = "text", min_docs: int = 1) -> list[str]:
+    """All documents under `path` (a file, a folder or a `datasets` folder), in a stable order.
+
+    In a folder each text file is one document, unless the folder holds fewer than
+    `min_docs` documents that way (say one large .txt file): then its text files are
+    split into paragraphs, as a single file is."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"data path not found: {path}")
+    if fmt == "datasets" or is_datasets_dir(path):
+        train, valid = datasets_splits(path, text_column)
+        return _nonempty(train + (valid or []), path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl", ".xz"))
+        suffixes = TEXT_SUFFIXES + RECORD_SUFFIXES
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
         if not files:
-            raise DataError(f"no .txt or .jsonl files under {path}")
-        docs: list[str] = []
-        for f in files:
-            if f.suffix == ".jsonl" or fmt == "jsonl":
-                docs.extend(_jsonl_docs(f))
-            else:  # one document per file unless the file is WikiText
-                docs.extend(_text_file_docs(f, fmt, whole_file=True))
+            raise DataError(f"no .txt, .jsonl or .parquet files under {path}")
+        docs = _folder_docs(files, fmt, text_column, whole_file=True)
+        if len(docs) < min_docs:
+            docs = _folder_docs(files, fmt, text_column, whole_file=False)
         return _nonempty(docs, path)
-    if path.suffix == ".jsonl" or fmt == "jsonl":
-        return _nonempty(_jsonl_docs(path), path)
+    if _is_record_file(path, fmt):
+        return _nonempty(_record_docs(path, fmt, text_column), path)
     return _nonempty(_text_file_docs(path, fmt), path)
+
+
+def _folder_docs(files: list[Path], fmt: str, column: str, whole_file: bool) -> list[str]:
+    docs: list[str] = []
+    for f in files:
+        if _is_record_file(f, fmt):
+            docs.extend(_record_docs(f, fmt, column))
+        else:  # one document per file (or its paragraphs) unless the file is WikiText
+            docs.extend(_text_file_docs(f, fmt, whole_file=whole_file))
+    return docs
 
 
 def _nonempty(docs: list[str], path: Path) -> list[str]:
@@ -121,8 +137,14 @@ def load_corpus(
     valid_path: str | None = None,
     valid_fraction: float = 0.05,
     seed: int = 0,
+    text_column: str = "text",
+    min_train_docs: int = 1,
 ) -> Corpus:
-    """Train and validation documents; a validation split is carved when none is given."""
+    """Train and validation documents; a validation split is carved when none is given
+    (a `datasets` folder's own validation split is used when it has one).
+
+    `min_train_docs`: documents the training split needs (one per client); a folder of
+    fewer files is read as paragraphs (see `read_documents`)."""
     if path == BUNDLED:
         root = _bundled_dir()
         return Corpus(
@@ -135,9 +157,16 @@ def load_corpus(
     if splits:
         fmt_used = "wikitext" if fmt == "auto" else fmt
         return Corpus(_text_file_docs(splits[0], fmt_used), _text_file_docs(splits[1], fmt_used), str(p))
-    train = read_documents(p, fmt)
     if valid_path is not None:
-        return Corpus(train, read_documents(valid_path, fmt), str(p))
+        train = read_documents(p, fmt, text_column, min_train_docs)
+        return Corpus(train, read_documents(valid_path, fmt, text_column), str(p))
+    if p.exists() and (fmt == "datasets" or is_datasets_dir(p)):
+        train, valid = datasets_splits(p, text_column)
+        train = _nonempty(train, p)
+        if valid:
+            return Corpus(train, valid, str(p))
+    else:
+        train = read_documents(p, fmt, text_column, min_train_docs + 1)
     if len(train) < 2:
         raise DataError(f"{p}: need at least 2 documents to carve a validation split, found {len(train)}")
     order = list(range(len(train)))

@@ -52,6 +52,9 @@ class TokenShard:
         return TokenShard(self.tokens[: self.offsets[n]], self.offsets[: n + 1].copy())
 
 
+ENCODE_BATCH = 1024  # documents per call of the fast tokenizer
+
+
 def _dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
@@ -67,14 +70,21 @@ def tokenize_documents(docs: list[str], tokenizer, tokenizer_key: str, cache_dir
         return TokenShard(tokens, np.load(folder / "offsets.npy"))
     dtype = _dtype_for(len(tokenizer))
     eos = tokenizer.eos_token_id
-    encoded = tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False)
-    lengths = np.array([len(e.ids) + 1 for e in encoded], dtype=np.int64)
+    pieces: list[np.ndarray] = []
+    lengths = np.zeros(len(docs), dtype=np.int64)
+    for start in range(0, len(docs), ENCODE_BATCH):  # a batch at a time: encodings are large objects
+        encoded = tokenizer.backend_tokenizer.encode_batch(docs[start : start + ENCODE_BATCH], add_special_tokens=False)
+        for i, e in enumerate(encoded, start):
+            ids = np.empty(len(e.ids) + 1, dtype=dtype)
+            ids[:-1] = e.ids
+            ids[-1] = eos
+            pieces.append(ids)
+            lengths[i] = len(ids)
+        del encoded
     offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    tokens = np.empty(int(offsets[-1]), dtype=dtype)
-    for i, e in enumerate(encoded):
-        tokens[offsets[i] : offsets[i + 1] - 1] = e.ids
-        tokens[offsets[i + 1] - 1] = eos
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+    del pieces
     tmp = folder.with_name(f"{key}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     tokens.tofile(tmp / "tokens.bin")

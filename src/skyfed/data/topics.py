@@ -70,3 +70,26 @@ def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 50) -> 
 def document_topics(tokens: np.ndarray, offsets: np.ndarray, num_topics: int, seed: int) -> np.ndarray:
     """A topic label per document, deterministic for a seed."""
     return kmeans(doc_features(tokens, offsets), num_topics, np.random.default_rng([seed, 11]))
+
+
+def select_topics(train, valid, keep: list[int], num_topics: int, seed: int):
+    """(train, valid) TokenShards holding only the documents whose topic is in `keep`.
+
+    Both splits are labelled together (one k-means over their documents), so the same
+    corpus, tokenizer, `num_topics` and `seed` give the same topics in every run: a model
+    pretrained on some topics can be fine-tuned and evaluated on the others."""
+    from skyfed.errors import ConfigError, DataError
+
+    bad = [k for k in keep if not 0 <= k < num_topics]
+    if bad or not keep:
+        raise ConfigError(f"data.topics: topics are 0..{num_topics - 1} (data.partition.num_topics), got {keep}")
+    tokens = np.concatenate([np.asarray(train.tokens), np.asarray(valid.tokens)])
+    offsets = np.concatenate([train.offsets, train.offsets[-1] + valid.offsets[1:]])
+    labels = document_topics(tokens, offsets, num_topics, seed)
+    chosen = np.isin(labels, keep)
+    train_idx = np.flatnonzero(chosen[: train.num_docs])
+    valid_idx = np.flatnonzero(chosen[train.num_docs :])
+    if len(train_idx) == 0 or len(valid_idx) == 0:
+        split = "training" if len(train_idx) == 0 else "validation"
+        raise DataError(f"data.topics: no {split} document has topic {keep} (of {num_topics})")
+    return train.subset(train_idx), valid.subset(valid_idx)

@@ -17,6 +17,13 @@ def save_hf_model(model: torch.nn.Module, tokenizer, run: RunDir) -> None:
 
     hf_logging.disable_progress_bar()
     out = run.path / "model"
+    # --- finetune: a LoRA run saves its adapter (run/adapter) and the merged model (run/model)
+    from skyfed.lora import is_peft_model, save_adapter_and_merged
+
+    if is_peft_model(model):
+        save_adapter_and_merged(model, tokenizer, run.path)
+        return
+    # --- end finetune
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
 

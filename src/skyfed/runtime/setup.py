@@ -17,10 +17,10 @@ import torch
 from skyfed.config import ExperimentConfig
 from skyfed.data.corpus import load_corpus, read_documents
 from skyfed.data.shards import TokenShard, tokenize_documents
-from skyfed.data.tokenizer import get_tokenizer
 from skyfed.errors import DataError
 from skyfed.federation.client import FederatedClient
 from skyfed.model import build_model, federated_parameter_names, resolve_device
+from skyfed.runtime.pretrained import experiment_tokenizer  # finetune
 from skyfed.train import EvalResult, LocalTrainer, evaluate, unigram_perplexity
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,20 @@ def apply_threads(cfg: ExperimentConfig) -> None:
 def prepare_data(cfg: ExperimentConfig) -> PreparedData:
     """Load, tokenize (cached) and partition the corpus; clients with `data` get their own."""
     d = cfg.data
-    corpus = load_corpus(d.path, d.format, d.valid_path, d.valid_fraction, cfg.seed)
-    tokenizer, tok_key = get_tokenizer(
-        corpus.train, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, cache_dir(), cfg.tokenizer.path
-    )
-    train = tokenize_documents(corpus.train, tokenizer, tok_key, cache_dir()).truncate(d.max_train_tokens)
-    valid = tokenize_documents(corpus.valid, tokenizer, tok_key, cache_dir()).truncate(d.max_valid_tokens)
+    # --- finetune: data.text_column; a folder of too few files is read as paragraphs (one doc per
+    # client at least); a pretrained model's own tokenizer; data.topics selects documents
+    n_shared = max(1, sum(1 for c in cfg.federation.clients if c.data is None))
+    corpus = load_corpus(d.path, d.format, d.valid_path, d.valid_fraction, cfg.seed, d.text_column, n_shared)
+    tokenizer, tok_key = experiment_tokenizer(cfg, corpus.train, cache_dir())
+    train = tokenize_documents(corpus.train, tokenizer, tok_key, cache_dir())
+    valid = tokenize_documents(corpus.valid, tokenizer, tok_key, cache_dir())
+    if d.topics is not None:
+        from skyfed.data.topics import select_topics
+
+        seed = cfg.seed if d.partition.seed is None else d.partition.seed
+        train, valid = select_topics(train, valid, d.topics, d.partition.num_topics, seed)
+    train, valid = train.truncate(d.max_train_tokens), valid.truncate(d.max_valid_tokens)
+    # --- end finetune
     need = cfg.train.seq_len + 2
     if valid.num_tokens < need:
         raise DataError(f"{d.valid_path or d.path}: validation split has {valid.num_tokens} tokens, need at least {need}")
@@ -72,7 +80,8 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
             client_tokens[name], client_docs[name] = shard.tokens, shard.num_docs
     for spec in specs:
         if spec.data is not None:
-            shard = tokenize_documents(read_documents(spec.data, d.format), tokenizer, tok_key, cache_dir())
+            docs = read_documents(spec.data, d.format, d.text_column)  # finetune: text_column
+            shard = tokenize_documents(docs, tokenizer, tok_key, cache_dir())
             client_tokens[spec.name], client_docs[spec.name] = shard.tokens, shard.num_docs
     for name, tokens in client_tokens.items():
         if len(tokens) < need:
@@ -87,7 +96,8 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
 
 def new_model(cfg: ExperimentConfig, tokenizer) -> torch.nn.Module:
     return build_model(
-        cfg.model.preset, len(tokenizer), tokenizer.eos_token_id, cfg.model.overrides, cfg.model.path, cfg.seed
+        cfg.model.preset, len(tokenizer), tokenizer.eos_token_id, cfg.model.overrides, cfg.model.path, cfg.seed,
+        dtype=cfg.model.dtype, peft=cfg.model.peft,  # finetune: weights' dtype, LoRA adapter
     )
 
 

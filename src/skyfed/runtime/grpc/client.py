@@ -261,7 +261,7 @@ def _local_tokens(cfg: ExperimentConfig, name: str, data: Path | None, tokenizer
                 f"client {name!r} has no data: the server's corpus is a path on the server; pass --data PATH"
             )
         return prepare_data(cfg).client_tokens[name]
-    shard = tokenize_documents(read_documents(path, cfg.data.format), tokenizer, tok_key, cache_dir())
+    shard = tokenize_documents(read_documents(path, cfg.data.format, cfg.data.text_column), tokenizer, tok_key, cache_dir())
     need = cfg.train.seq_len + 2
     if shard.num_tokens < need:
         raise DataError(f"{path}: {shard.num_tokens} training tokens, need at least {need} for one window")
