@@ -174,13 +174,12 @@ _INTS32 = [0, -1, 1, -(2**31), 2**31 - 1, 7]
 _FLOATS = [float("nan"), float("inf"), float("-inf"), -1.0, 1e308, 0.0]
 
 
-def _hostile_header(rng: random.Random, rig: ServicerRig, size: int) -> pb.UpdateHeader:
+def _hostile_header(rng: random.Random, rig: ServicerRig, size: int, meta: bool = True) -> pb.UpdateHeader:
     fields: dict[str, Any] = {}
+    names = ["protocol_version", "name", "session_id", "round", "base_version", "num_tokens", "train_loss",
+             "holdout_loss", "compute_s", "error", "payload_bytes", "payload_bytes"]
     for _ in range(rng.randint(1, 3)):
-        which = rng.choice([
-            "protocol_version", "name", "session_id", "round", "base_version", "num_tokens", "train_loss",
-            "holdout_loss", "compute_s", "error", "payload_bytes", "payload_bytes", "meta_json", "meta_json",
-        ])
+        which = rng.choice(names + (["meta_json", "meta_json"] if meta else []))
         if which == "protocol_version":
             fields[which] = rng.choice([0, 2, 2**32 - 1])
         elif which in ("name", "session_id", "error"):
@@ -212,13 +211,14 @@ def _garbage(rng: random.Random) -> bytes:
     ])
 
 
-def hostile_stream(rng: random.Random, rig: ServicerRig, payload: bytes) -> tuple[str, list[bytes]]:
-    """(what was changed, chunk bytes) of one mutated PushUpdate stream carrying `payload`."""
+def hostile_stream(rng: random.Random, rig: ServicerRig, payload: bytes, meta: bool = True) -> tuple[str, list[bytes]]:
+    """(what was changed, chunk bytes) of one mutated PushUpdate stream carrying `payload`;
+    `meta=False` leaves meta_json alone."""
     kind = rng.choice(["header", "header", "framing", "payload", "payload", "payload_resized", "mixed"])
     if kind in ("payload", "payload_resized", "mixed"):
         _, payload = mutate(rng, payload)
     announced = len(payload) if kind != "payload" else rng.choice([len(payload), max(1, len(payload) - 3)])
-    header = _hostile_header(rng, rig, announced) if kind in ("header", "mixed") else rig.header(announced)
+    header = _hostile_header(rng, rig, announced, meta) if kind in ("header", "mixed") else rig.header(announced)
     chunks = [pb.UpdateChunk(header=header).SerializeToString(), *_data_chunks(rng, payload)]
     if kind in ("framing", "mixed"):
         for _ in range(rng.randint(1, 3)):
