@@ -245,3 +245,48 @@ def test_crc_is_recomputed_by_the_mutators_so_they_reach_the_inner_parser():
     bad = join(head, inner_join(meta.replace(b'"F32"', b'"F33"', 1), data))
     assert json.loads(split(bad)[1])["crc32"] == zlib.crc32(split(bad)[2])
     assert "dtype 'F33'" in refused(bad, spec, views=True)
+
+
+def _reference_depth(raw: bytes):
+    """Character by character; None when a backslash stands outside a string (invalid JSON)."""
+    depth = deepest = 0
+    inside = escaped = False
+    for ch in raw.decode("latin-1"):
+        if inside:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                inside = False
+        elif ch == "\\":
+            return None
+        elif ch == '"':
+            inside = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=60).map(lambda b: bytes(b"[]{}\"\\a,"[x % 8] for x in b)), block=st.sampled_from([1, 3, 7, 1 << 20]))
+def test_nesting_depth_matches_a_character_loop_across_block_boundaries(raw, block):
+    expected = _reference_depth(raw)
+    if expected is None:
+        return
+    old = strictjson._BLOCK
+    strictjson._BLOCK = block
+    try:
+        assert strictjson.nesting_depth(raw) == expected
+    finally:
+        strictjson._BLOCK = old
+
+
+def test_nesting_depth_of_an_unterminated_string_of_escaped_quotes():
+    raw = b'["' + b'\\"' * 50_000 + b"[[["  # linear in the scan; a backtracking regex was quadratic
+    assert strictjson.nesting_depth(raw) == 1
+    with pytest.raises(WireFormatError, match="^h: Unterminated string"):
+        strictjson.loads(raw, "h")

@@ -60,6 +60,10 @@ HOSTILE_TOKENS: list[str] = [
     "[2,3,4,5,6,7,8,9,10]", "[9223372036854775807,0]", "[0,9223372036854775807,4]",
 ]
 
+# raw text spliced into a header; '"\\"' repeated is an unterminated string full of escaped
+# quotes (a backtracking string regex is quadratic on it)
+SPLICES = ["[" * 100_000, "{" * 50_000, ",", ":", '"', "\\", "\xff", '"' + '\\"' * 50_000]
+
 HOSTILE_FLOATS = [float("nan"), float("inf"), float("-inf"), 3e38, -3.4e38, 1e31, -1e31, 1e-45, -0.0]
 
 
@@ -218,7 +222,7 @@ def inner_value(rng: random.Random, p: bytes) -> bytes:
 
 
 def _splice(rng: random.Random, text: bytes) -> bytes:
-    token = rng.choice(HOSTILE_TOKENS + ["[" * 100_000, "{" * 50_000, ",", ":", "\"", "\\", "\xff"]).encode("utf-8", "surrogatepass")
+    token = rng.choice(HOSTILE_TOKENS + SPLICES).encode("utf-8", "surrogatepass")
     i = rng.randrange(len(text) + 1)
     return text[:i] + token + text[i:]
 
