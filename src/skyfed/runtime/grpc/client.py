@@ -31,7 +31,8 @@ import yaml
 from pydantic import ValidationError
 
 from skyfed.config import ExperimentConfig
-from skyfed.errors import AuthError, ConfigError, DataError, SkyfedError
+from skyfed.compression import strictjson
+from skyfed.errors import AuthError, ConfigError, DataError, SkyfedError, WireFormatError
 from skyfed.federation.messages import ClientResult, TrainTask
 from skyfed.runtime.grpc import DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION
 from skyfed.runtime.grpc import skyfed_pb2 as pb
@@ -168,7 +169,10 @@ class FederationSession:
             for raw in stream:
                 data = data_of(raw)
                 buf.add(data if data is not None else pb.TaskChunk.FromString(raw).data)
-            task = TrainTask(h.round, h.version, buf.finish(), h.steps, json.loads(h.options_json or "{}"))
+            options = strictjson.loads((h.options_json or "{}").encode(), f"task options of round {h.round}")
+            if not isinstance(options, dict):
+                raise WireFormatError(f"task options of round {h.round}: not a JSON object")
+            task = TrainTask(h.round, h.version, buf.finish(), h.steps, options)
             return Pulled("task", task)
 
         return self._retrying("pull task", call)
