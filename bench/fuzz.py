@@ -12,7 +12,10 @@ they reach the inner parsers, hostile tensor values, bad prefix fields):
 - ``downlink``: `DownlinkReceiver.receive`, as a client applies the global model or a delta;
 - ``servicer``: `FederationServicer.PushUpdate` in process (tests/servicer_fuzz.py) with
   mutated chunk streams (wrong header fields, bad framing, deep JSON in meta_json,
-  negative or huge sizes, mutated payloads), followed by the engine's decode.
+  negative or huge sizes, mutated payloads), followed by the engine's decode;
+- ``grpc``: the same streams through a real gRPC server on 127.0.0.1 and a real channel
+  (`--n-grpc` inputs, data chunks of 1000 bytes or more); an exception leaving the
+  servicer without an abort is recorded on the server side and counted as foreign.
 
 The bar: no exception other than skyfed's own errors (and, for the servicer, aborts
 with a gRPC status); nothing caught by `decode_payload`'s safety net (a missing check);
@@ -38,6 +41,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+import grpc
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +55,8 @@ from skyfed.compression.channel import Downlink, DownlinkReceiver  # noqa: E402
 from skyfed.compression.payload import decode_payload, encode_payload  # noqa: E402
 from skyfed.compression.wire import TensorSpec  # noqa: E402
 from skyfed.errors import SkyfedError, WireFormatError  # noqa: E402
+from skyfed.runtime.grpc import skyfed_pb2 as pb  # noqa: E402
+from skyfed.runtime.grpc.rawchunks import add_servicer, push_call  # noqa: E402
 
 MAX_BYTES = 1 << 20
 SPEC = {
@@ -216,12 +222,66 @@ def fuzz_servicer(rng: random.Random, n: int, timeout_s: float) -> Tally:
     return tally
 
 
+class Recorder:
+    """Wraps a servicer for a real gRPC server: records an exception that leaves
+    PushUpdate without an abort (grpc would answer UNKNOWN and log a traceback)."""
+
+    def __init__(self, servicer: Any):
+        self.servicer = servicer
+        self.escaped: BaseException | None = None
+        self.Register, self.PullTask = servicer.Register, servicer.PullTask
+
+    def PushUpdate(self, request_iterator: Any, context: grpc.ServicerContext) -> pb.PushReply:
+        try:
+            return self.servicer.PushUpdate(request_iterator, context)
+        except Exception as exc:
+            if context.code() is None and context.is_active():  # not an abort, nor a cancelled call
+                self.escaped = exc
+            raise
+
+
+def fuzz_grpc(rng: random.Random, n: int, timeout_s: float) -> Tally:
+    from concurrent.futures import ThreadPoolExecutor
+
+    tally, payloads = Tally("servicer"), update_payloads(rng, 1)
+    rig = ServicerRig(SPEC)
+    recorder = Recorder(rig.servicer)
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    add_servicer(recorder, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    push = push_call(channel)
+
+    def call(chunks: list[bytes]) -> str:
+        recorder.escaped = None
+        try:
+            reply = push(iter(chunks), timeout=timeout_s)
+            outcome = "duplicate" if reply.duplicate else "accepted"
+        except grpc.RpcError as err:
+            outcome = f"aborted:{err.code().name}"
+        if recorder.escaped is not None:
+            raise recorder.escaped
+        return outcome
+
+    try:
+        for _ in range(n):
+            kind, chunks = hostile_stream(rng, rig, rng.choice(payloads), tiny_chunks=False)
+            tally.run(kind, b"|".join(chunks[:3]), lambda: rig.push(chunks, call), timeout_s)
+    finally:
+        channel.close()
+        server.stop(None)
+    tally.outcomes["decoded_by_engine"] = rig.decoded
+    return tally
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000, help="inputs per target")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout-s", type=float, default=5.0, help="a slower input counts as a hang")
-    ap.add_argument("--targets", default="decoder,downlink,servicer")
+    ap.add_argument("--n-grpc", type=int, default=None, help="inputs through a real gRPC server (default: n / 10)")
+    ap.add_argument("--targets", default="decoder,downlink,servicer,grpc")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/fuzz.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -243,8 +303,10 @@ def main(argv: list[str] | None = None) -> int:
             tally = fuzz_downlink(rng, args.n, args.timeout_s, client_model)
         elif name == "servicer":
             tally = fuzz_servicer(rng, args.n, args.timeout_s)
+        elif name == "grpc":
+            tally = fuzz_grpc(rng, args.n // 10 if args.n_grpc is None else args.n_grpc, args.timeout_s)
         else:
-            raise SystemExit(f"unknown target {name!r}: decoder, downlink or servicer")
+            raise SystemExit(f"unknown target {name!r}: decoder, downlink, servicer or grpc")
         targets[name] = dict(tally.summary(), ok=tally.ok, elapsed_s=time.perf_counter() - t0)
         print(f"{name}: {tally.inputs} inputs, {sum(tally.foreign.values())} foreign, "
               f"{sum(tally.safety_net.values())} safety-net, {tally.hangs} hangs, max {max(tally.times):.3f} s", flush=True)
@@ -258,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_before": load_before,
         "load_avg_after": os.getloadavg(),
         "seed": args.seed,
-        "inputs_per_target": args.n,
+        "inputs_per_target": {name: t["inputs"] for name, t in targets.items()},
         "timeout_s": args.timeout_s,
         "elapsed_s": time.perf_counter() - started,
         "models_byte_identical": unchanged,

@@ -18,6 +18,7 @@ payloads mutated by `wire_mutations`.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -130,20 +131,22 @@ class ServicerRig:
         values.update(fields)
         return pb.UpdateHeader(**values)
 
-    def push(self, chunks: list[bytes]) -> str:
+    def push(self, chunks: list[bytes], call: Callable[[list[bytes]], str] | None = None) -> str:
         """One PushUpdate call on the current round; 'accepted', 'duplicate' or 'aborted:CODE'.
 
-        Exceptions other than `Aborted` and `SkyfedError` propagate."""
+        `call` sends the chunks another way (a real gRPC channel) and returns the same
+        strings. Exceptions other than `Aborted` and `SkyfedError` propagate."""
         self.transport.send("aws", TrainTask(self.round, 0, b"", 1))
         try:
+            if call is not None:
+                return call(chunks)
             reply = self.servicer.PushUpdate(iter(chunks), FakeContext())
-            outcome = "duplicate" if reply.duplicate else "accepted"
+            return "duplicate" if reply.duplicate else "accepted"
         except Aborted as exc:
-            outcome = f"aborted:{exc.code.name}"
+            return f"aborted:{exc.code.name}"
         finally:
             self.drain()
             self.round += 1
-        return outcome
 
     def drain(self) -> None:
         """Play the engine: decode every queued result as the engine does, then release it."""
@@ -199,8 +202,8 @@ def _hostile_header(rng: random.Random, rig: ServicerRig, size: int, meta: bool 
     return rig.header(fields.pop("payload_bytes", size), **fields)
 
 
-def _data_chunks(rng: random.Random, payload: bytes) -> list[bytes]:
-    size = rng.choice([CHUNK, 1, 7, 1000, len(payload) or 1])
+def _data_chunks(rng: random.Random, payload: bytes, tiny: bool) -> list[bytes]:
+    size = rng.choice([CHUNK, 1000, len(payload) or 1] + ([1, 7] if tiny else []))
     return [encode_data_chunk(payload[i : i + size]) for i in range(0, len(payload), size)]
 
 
@@ -211,15 +214,18 @@ def _garbage(rng: random.Random) -> bytes:
     ])
 
 
-def hostile_stream(rng: random.Random, rig: ServicerRig, payload: bytes, meta: bool = True) -> tuple[str, list[bytes]]:
+def hostile_stream(
+    rng: random.Random, rig: ServicerRig, payload: bytes, meta: bool = True, tiny_chunks: bool = True
+) -> tuple[str, list[bytes]]:
     """(what was changed, chunk bytes) of one mutated PushUpdate stream carrying `payload`;
-    `meta=False` leaves meta_json alone."""
+    `meta=False` leaves meta_json alone; `tiny_chunks=False` keeps data chunks of 1000
+    bytes or more (tens of thousands of 1-byte messages take seconds over real gRPC)."""
     kind = rng.choice(["header", "header", "framing", "payload", "payload", "payload_resized", "mixed"])
     if kind in ("payload", "payload_resized", "mixed"):
         _, payload = mutate(rng, payload)
     announced = len(payload) if kind != "payload" else rng.choice([len(payload), max(1, len(payload) - 3)])
     header = _hostile_header(rng, rig, announced, meta) if kind in ("header", "mixed") else rig.header(announced)
-    chunks = [pb.UpdateChunk(header=header).SerializeToString(), *_data_chunks(rng, payload)]
+    chunks = [pb.UpdateChunk(header=header).SerializeToString(), *_data_chunks(rng, payload, tiny_chunks)]
     if kind in ("framing", "mixed"):
         for _ in range(rng.randint(1, 3)):
             action = rng.randrange(6)
