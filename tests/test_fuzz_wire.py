@@ -290,3 +290,16 @@ def test_nesting_depth_of_an_unterminated_string_of_escaped_quotes():
     assert strictjson.nesting_depth(raw) == 1
     with pytest.raises(WireFormatError, match="^h: Unterminated string"):
         strictjson.loads(raw, "h")
+
+
+def test_downlink_receiver_refuses_a_change_that_pushes_its_model_out_of_bounds():
+    spec = spec_of({"w": torch.zeros(3)})
+    initial = {"w": torch.full((3,), 9e29)}
+    downlink = Downlink(Chain.from_specs(["fp32"]), spec)
+    receiver = DownlinkReceiver({"w": initial["w"].clone()})
+    receiver.receive(downlink.payload_for("aws", initial, round=0, version=0), spec, 1 << 20)  # the shared start
+    downlink.settle(["aws"], ["aws"])
+    payload = downlink.payload_for("aws", {"w": torch.full((3,), 1.8e30)}, round=1, version=1)  # a change of 9e29
+    with pytest.raises(WireFormatError, match=r"applying the change leaves tensor 'w' that has a value of magnitude 1\.8e\+30"):
+        receiver.receive(payload, spec, 1 << 20)
+    assert torch.equal(receiver.held["w"], initial["w"])  # still the model it held
