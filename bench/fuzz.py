@@ -275,6 +275,27 @@ def fuzz_grpc(rng: random.Random, n: int, timeout_s: float) -> Tally:
     return tally
 
 
+def command(argv: list[str] | None) -> str:
+    """The command line that wrote the results (with PYTHONPATH, which picks the skyfed tree)."""
+    env = f"PYTHONPATH={os.environ['PYTHONPATH']} " if os.environ.get("PYTHONPATH") else ""
+    return env + "python bench/fuzz.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+def source() -> dict:
+    """Which skyfed was fuzzed: its directory and that checkout's git commit."""
+    import subprocess
+
+    import skyfed
+
+    path = Path(skyfed.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", False
+    return {"path": str(path), "commit": commit, "uncommitted_changes": dirty}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000, help="inputs per target")
@@ -314,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = unchanged and all(t["ok"] for t in targets.values())
     result = {
         "benchmark": "fuzz",
-        "command": "python bench/fuzz.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command(argv),
+        "skyfed_source": source(),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
         "load_avg_before": load_before,
