@@ -196,9 +196,10 @@ def fuzz_decoder(rng: random.Random, n: int, timeout_s: float) -> Tally:
 def fuzz_downlink(rng: random.Random, n: int, timeout_s: float, initial: dict[str, torch.Tensor]) -> Tally:
     tally = Tally("downlink")
     payloads = []
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))  # seeded: the same inputs every run
     for c in CHAINS:  # a first payload (model or delta against the initial model) per chain
         down = Downlink(Chain.from_specs(c), SPEC)
-        params = {k: v + 0.01 * torch.randn(v.shape) for k, v in initial.items()}
+        params = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in initial.items()}
         payloads.append(down.payload_for("aws", params, round=1, version=1))
         payloads.append(down.payload_for("gcp", params, round=1, version=1))
     for _ in range(n):
