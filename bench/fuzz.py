@@ -105,6 +105,7 @@ class Tally:
         self.escaped_project: collections.Counter[str] = collections.Counter()
         self.hangs = 0
         self.times: list[float] = []
+        self.slowest: list[tuple[float, str, int]] = []  # (seconds, mutation, input bytes), the 5 slowest
         self.examples: dict[str, dict] = {}
 
     def example(self, key: str, mutation: str, exc: BaseException, data: Any) -> None:
@@ -146,7 +147,11 @@ class Tally:
             self.example(f"foreign:{key}", mutation, exc, data)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-            self.times.append(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            self.times.append(elapsed)
+            if len(self.slowest) < 5 or elapsed > self.slowest[-1][0]:
+                size = len(data) if isinstance(data, (bytes, bytearray)) else 0
+                self.slowest = sorted([*self.slowest, (elapsed, mutation, size)], reverse=True)[:5]
 
     def summary(self) -> dict:
         times = sorted(self.times) or [0.0]
@@ -163,6 +168,7 @@ class Tally:
             "max_s_per_input": times[-1],
             "p99_s_per_input": times[int(0.99 * (len(times) - 1))],
             "mean_s_per_input": sum(times) / len(times),
+            "slowest_inputs": [{"s": t, "mutation": m, "bytes": b} for t, m, b in self.slowest],
             "inputs_by_mutation": dict(sorted(self.by_mutation.items())),
             "examples": list(self.examples.values())[:20],
         }
