@@ -124,7 +124,8 @@ class Chain:
                 p = stages.get(i, {})
                 allowed = set(self._part_names(c, i == last))
                 if set(p) != allowed:
-                    raise WireFormatError(f"{where}: encoded parts {sorted(p)}, expected {sorted(allowed)}")
+                    sent = [name[:20] for name in sorted(p)[:6]] + (["..."] if len(p) > 6 else [])
+                    raise WireFormatError(f"{where}: encoded parts {sent}, expected {sorted(allowed)}")
                 sizes.append(n)
                 n = c.check(p, n, where)
             if self.codecs[-1].carry is not None:

@@ -133,8 +133,9 @@ def load_blob(blob: memoryview) -> dict[str, torch.Tensor]:
     """Deserialize a validated payload's safetensors blob (copies; see `views.blob_views`)."""
     try:
         return st_load(bytes(blob))
-    except Exception as exc:  # safetensors raises its own error types
-        raise WireFormatError(f"corrupt tensor data: {exc}") from None
+    except Exception as exc:  # safetensors raises its own error types; its message quotes the input
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WireFormatError(f"corrupt tensor data: {reason[:200]}{'...' if len(reason) > 200 else ''}") from None
 
 
 def value_error(t: torch.Tensor, max_abs: float | None = MAX_ABS) -> str | None:
@@ -185,7 +186,7 @@ def check_tensors(
         if missing:
             parts.append(f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
         if extra:
-            parts.append(f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+            parts.append(f"unexpected {[n[:60] for n in extra[:3]]}{'...' if len(extra) > 3 else ''}")
         raise WireFormatError(f"{what} does not match the model's parameters: {'; '.join(parts)}")
     for name, spec in expected.items():
         t = tensors[name]
