@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU wheel of PyTorch is pinned so pip never pulls a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup run test test-fast paper bench clean proto
+.PHONY: setup run test test-fast paper bench clean proto fuzz
 
 $(BIN)/skyfed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,11 @@ test-fast: setup
 # The paper's three experiments (48 runs, ~45 min on 2 cores) into runs/suite-paper/; docs/results.md.
 paper: setup
 	$(BIN)/skyfed suite paper
+
+# 10^5 mutated inputs per target through the update decoder, the client's model receiver and
+# the gRPC PushUpdate handler (bench/fuzz.py); writes bench/results/fuzz.json. ARGS="--n 2000" for a short run.
+fuzz: setup
+	PYTHONPATH=src nice -n 10 $(BIN)/python bench/fuzz.py $(ARGS)
 
 # Regenerate the gRPC modules from src/skyfed/runtime/grpc/skyfed.proto (needs grpcio-tools).
 proto:

@@ -17,6 +17,7 @@ from skyfed.compression.wire import TensorSpec, all_finite
 from skyfed.errors import WireFormatError
 
 SEP = "::"
+MAX_CHAIN = 8  # codecs in one chain (a header cannot make the decoder loop for long)
 
 
 class Chain:
@@ -34,7 +35,9 @@ class Chain:
         if specs is None:
             return cls([])
         if not isinstance(specs, list):
-            raise CodecError(f"a codec chain is a list, got {specs!r}")
+            raise CodecError(f"a codec chain is a list, got {str(specs)[:80]!r}")
+        if len(specs) > MAX_CHAIN:
+            raise CodecError(f"a codec chain has at most {MAX_CHAIN} codecs, got {len(specs)}")
         return cls([build_codec(s) for s in specs])
 
     def __bool__(self) -> bool:
@@ -103,8 +106,9 @@ class Chain:
         for full, t in parts.items():
             key, sep, rest = full.rpartition(SEP)
             stage, dot, part = rest.partition(".")
-            if not sep or not dot or not stage.isdigit() or key not in expected or int(stage) >= len(self.codecs):
-                raise WireFormatError(f"{what}: unexpected encoded tensor {full!r}")
+            digits = stage.isascii() and stage.isdigit() and len(stage) <= 2
+            if not sep or not dot or not digits or key not in expected or int(stage) >= len(self.codecs):
+                raise WireFormatError(f"{what}: unexpected encoded tensor {full[:120]!r}")
             grouped.setdefault(key, {}).setdefault(int(stage), {})[part] = t
         missing = sorted(set(expected) - set(grouped))
         if missing:
@@ -120,7 +124,8 @@ class Chain:
                 p = stages.get(i, {})
                 allowed = set(self._part_names(c, i == last))
                 if set(p) != allowed:
-                    raise WireFormatError(f"{where}: encoded parts {sorted(p)}, expected {sorted(allowed)}")
+                    sent = [name[:20] for name in sorted(p)[:6]] + (["..."] if len(p) > 6 else [])
+                    raise WireFormatError(f"{where}: encoded parts {sent}, expected {sorted(allowed)}")
                 sizes.append(n)
                 n = c.check(p, n, where)
             if self.codecs[-1].carry is not None:

@@ -16,7 +16,8 @@
   initial tensors in the header that the client checks before applying anything; a
   client whose initial model differs refuses, and gets the whole model next round.
 * `DownlinkReceiver` (client side): decodes a model or a delta and applies it to the
-  model it holds, refusing a delta against a state it does not hold.
+  model it holds, refusing a delta against a state it does not hold or one that would
+  leave a value non-finite or above `wire.MAX_ABS`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from skyfed.compression.chain import Chain
 from skyfed.compression.codecs import mix_seed
 from skyfed.compression.feedback import ErrorFeedback
 from skyfed.compression.payload import decode_payload, pack_parts
-from skyfed.compression.wire import TensorSpec
+from skyfed.compression.wire import TensorSpec, value_error
 from skyfed.errors import WireFormatError
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,10 @@ class DownlinkReceiver:
                     self.held, self.tag = None, None
                     raise WireFormatError(f"{what}: this client's initial model differs from the server's (seed, model or library versions)")
             params = {n: self.held[n] + tensors[n] for n in tensors}
+            for n, t in params.items():  # a change may not push the model out of bounds
+                problem = value_error(t)
+                if problem is not None:
+                    raise WireFormatError(f"{what}: applying the change leaves tensor {n!r} that {problem}")
         else:
             params = tensors
         self.held, self.tag = (params, header["tag"]) if header.get("tag") is not None else (None, None)

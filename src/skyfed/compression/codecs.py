@@ -139,15 +139,21 @@ class Codec:
         raise NotImplementedError
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters (values may come from a hostile header)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_int(value: Any, what: str, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         bound = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-        raise CodecError(f"{what} must be {bound}, got {value!r}")
+        raise CodecError(f"{what} must be {bound}, got {_short(value)}")
 
 
 def _check_fraction(value: Any, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise CodecError(f"{what} must be a number in (0, 1], got {value!r}")
+        raise CodecError(f"{what} must be a number in (0, 1], got {_short(value)}")
 
 
 # ---------------------------------------------------------------- casts
@@ -216,7 +222,7 @@ class Int8(Codec):
     def __post_init__(self) -> None:
         _check_int(self.block, f"{self.name}.block", 1, 1 << 24)
         if not isinstance(self.stochastic, bool):
-            raise CodecError(f"{self.name}.stochastic must be true or false, got {self.stochastic!r}")
+            raise CodecError(f"{self.name}.stochastic must be true or false, got {_short(self.stochastic)}")
         _check_int(self.seed, f"{self.name}.seed", 0, 2**63 - 1)
 
     def carry_numel(self, n: int) -> int:
@@ -443,7 +449,7 @@ class LowRank(Codec):
     def __post_init__(self) -> None:
         _check_int(self.rank, "lowrank.rank", 1)
         if not isinstance(self.rank_by_round, (list, tuple)):
-            raise CodecError(f"lowrank.rank_by_round must be a list of ranks, got {self.rank_by_round!r}")
+            raise CodecError(f"lowrank.rank_by_round must be a list of ranks, got {_short(self.rank_by_round)}")
         object.__setattr__(self, "rank_by_round", tuple(self.rank_by_round))
         for r in self.rank_by_round:
             _check_int(r, "lowrank.rank_by_round", 1)
@@ -543,7 +549,7 @@ class TopK(Codec):
     def __post_init__(self) -> None:
         _check_fraction(self.fraction, "topk.fraction")
         if self.scope not in ("tensor", "global"):
-            raise CodecError(f"topk.scope must be 'tensor' or 'global', got {self.scope!r}")
+            raise CodecError(f"topk.scope must be 'tensor' or 'global', got {_short(self.scope)}")
         _check_int(self.exact_max, "topk.exact_max", 1)
         _check_int(self.seed, "topk.seed", 0, 2**63 - 1)
 
@@ -645,16 +651,16 @@ def build_codec(spec: str | dict[str, Any]) -> Codec:
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, dict):
-        raise CodecError(f"a codec is a name or a mapping with a 'name', got {spec!r}")
+        raise CodecError(f"a codec is a name or a mapping with a 'name', got {_short(spec)}")
     params = dict(spec)
     name = params.pop("name", None)
     cls = CODECS.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise CodecError(f"unknown codec {name!r}; available: {', '.join(CODECS)}")
+        raise CodecError(f"unknown codec {_short(name)}; available: {', '.join(CODECS)}")
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - fields)
     if unknown:
-        raise CodecError(f"codec {name!r}: unknown parameter(s) {unknown}; it takes {sorted(fields) or 'none'}")
+        raise CodecError(f"codec {name!r}: unknown parameter(s) {_short(unknown)}; it takes {sorted(fields) or 'none'}")
     if "fraction" in params and isinstance(params["fraction"], int) and not isinstance(params["fraction"], bool):
         params["fraction"] = float(params["fraction"])
     return cls(**params)

@@ -4,20 +4,27 @@ The header records the chain (each codec's name and parameters, including the se
 receiver needs for random-k), so a payload decodes on its own. `decode_payload` checks
 the framing (size limit, magic, version, CRC-32, truncation), rebuilds the chain
 (unknown codec or bad parameters are rejected), validates every encoded part (names,
-dtypes, shapes, index ranges, NaN/Inf) and only then returns decoded float32 tensors.
-Every failure is a `WireFormatError` (or `PayloadTooLargeError`) with a clear message.
+dtypes, shapes, index ranges, NaN/Inf) and only then returns decoded float32 tensors,
+each value at most `max_abs` (default `wire.MAX_ABS`) in magnitude. Every failure is a
+`WireFormatError` (or `PayloadTooLargeError`) with a clear one-line message: an
+exception of any other type raised while decoding (a defect the checks missed) is
+logged as an error and turned into a `WireFormatError` that names its type, so bytes
+from the network can never raise anything else.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from skyfed.compression.chain import Chain
 from skyfed.compression.views import blob_views
-from skyfed.compression.wire import TensorSpec, check_tensors, load_blob, pack, read_header
+from skyfed.compression.wire import MAX_ABS, TensorSpec, check_tensors, load_blob, pack, read_header
 from skyfed.errors import WireFormatError
+
+log = logging.getLogger(__name__)
 
 
 def encode_payload(tensors: dict[str, torch.Tensor], chain: Chain | None = None, **header: Any) -> bytes:
@@ -39,11 +46,27 @@ def decode_payload(
     max_bytes: int | None = None,
     what: str = "payload",
     views: bool = False,
+    max_abs: float | None = MAX_ABS,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Validate framing, codec chain, names, shapes, dtypes and finiteness; decode.
+    """Validate framing, codec chain, names, shapes, dtypes and values; decode.
 
     With `views`, a plain payload (no codecs) is not copied: its tensors are read-only
-    views into `data` (`compression.views.blob_views`) that keep `data` alive."""
+    views into `data` (`compression.views.blob_views`) that keep `data` alive.
+    `max_abs` bounds every decoded value (None: finite only)."""
+    try:
+        return _decode(data, expected, max_bytes, what, views, max_abs)
+    except WireFormatError:
+        raise
+    except Exception as exc:  # a defect the checks missed: still only a refusal
+        reason = str(exc).splitlines()[0][:200] if str(exc) else ""
+        log.error("%s: unexpected %s while decoding (a skyfed defect): %s", what, type(exc).__name__, reason)
+        raise WireFormatError(f"{what}: undecodable payload ({type(exc).__name__})") from exc
+
+
+def _decode(
+    data: bytes | memoryview, expected: dict[str, TensorSpec], max_bytes: int | None, what: str, views: bool,
+    max_abs: float | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     header, blob = read_header(data, max_bytes)
     try:
         chain = Chain.from_specs(header.get("codecs", []))
@@ -54,5 +77,5 @@ def decode_payload(
     else:
         parts = load_blob(blob)
         tensors = chain.decode(parts, expected, what) if chain else parts
-    check_tensors(tensors, expected, what)
+    check_tensors(tensors, expected, what, max_abs)
     return tensors, header

@@ -3,21 +3,26 @@
 `safetensors.torch.load` copies the whole blob (`bytes(...)`) and then every tensor out
 of it: a 400 MB plain-fp32 update costs 800 MB more while it is decoded. `blob_views`
 parses the safetensors header itself and returns `torch.frombuffer` views over the
-payload, so the receive buffer is the only copy. Every offset, size, shape and dtype
-is checked first; anything malformed is a `WireFormatError`. The views share memory
+payload, so the receive buffer is the only copy. The header is parsed by
+`strictjson.loads` (bounded depth, no NaN/Infinity, 64-bit integers) and every entry's
+dtype, shape, offsets and size are checked against the bytes present before any view
+is made; anything malformed is a `WireFormatError`. The views share memory
 with the payload: callers must not write to them (the engine only reads updates).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 import warnings
 
 import torch
 
+from skyfed.compression import strictjson
 from skyfed.errors import WireFormatError
+
+MAX_META_BYTES = 16 * 2**20  # the safetensors header (one short entry per tensor)
+MAX_DIMS = 8
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -31,14 +36,14 @@ def blob_views(blob: memoryview) -> dict[str, torch.Tensor]:
     if len(blob) < 8:
         raise WireFormatError("corrupt tensor data: blob shorter than its 8-byte header length")
     (n,) = struct.unpack_from("<Q", blob, 0)
-    if n > len(blob) - 8:
+    if n > len(blob) - 8 or n > MAX_META_BYTES:
         raise WireFormatError(f"corrupt tensor data: header length {n} does not fit")
-    try:
-        meta = json.loads(bytes(blob[8 : 8 + n]))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise WireFormatError(f"corrupt tensor data: {exc}") from None
+    meta = strictjson.loads(blob[8 : 8 + n], "corrupt tensor data")
     if not isinstance(meta, dict):
         raise WireFormatError("corrupt tensor data: header is not a JSON object")
+    extra = meta.get("__metadata__")
+    if extra is not None and not (isinstance(extra, dict) and all(isinstance(v, str) for v in extra.values())):
+        raise WireFormatError("corrupt tensor data: __metadata__ must map names to strings")
     data = blob[8 + n :]
     out: dict[str, torch.Tensor] = {}
     for name, info in meta.items():
@@ -47,17 +52,29 @@ def blob_views(blob: memoryview) -> dict[str, torch.Tensor]:
     return out
 
 
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _view(data: memoryview, name: str, info: object) -> torch.Tensor:
-    try:
-        dtype = DTYPES[info["dtype"]]  # type: ignore[index]
-        shape = [int(d) for d in info["shape"]]  # type: ignore[index]
-        begin, end = (int(x) for x in info["data_offsets"])  # type: ignore[index]
-    except (KeyError, TypeError, ValueError):
-        raise WireFormatError(f"corrupt tensor data: bad entry for tensor {name!r}") from None
+    bad = f"corrupt tensor data: bad entry for tensor {name[:80]!r}"
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise WireFormatError(f"{bad} (it needs exactly dtype, shape and data_offsets)")
+    dtype = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    shape, offsets = info["shape"], info["data_offsets"]
+    if dtype is None:
+        raise WireFormatError(f"{bad} (dtype {str(info['dtype'])[:20]!r} is not one of {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_int(d) for d in shape):
+        raise WireFormatError(f"{bad} (shape must list at most {MAX_DIMS} non-negative integers)")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_int(x) for x in offsets):
+        raise WireFormatError(f"{bad} (data_offsets must be two non-negative integers)")
+    begin, end = offsets
     size = torch.empty((), dtype=dtype).element_size()
+    if math.prod(max(d, 1) for d in shape) > 2**62:  # torch's strides must fit in int64
+        raise WireFormatError(f"{bad} (shape {shape} is too large)")
     count = math.prod(shape)
-    if min(shape, default=0) < 0 or not 0 <= begin <= end <= len(data) or end - begin != count * size:
-        raise WireFormatError(f"corrupt tensor data: tensor {name!r} does not fit its offsets")
+    if not begin <= end <= len(data) or end - begin != count * size:
+        raise WireFormatError(f"corrupt tensor data: tensor {name[:80]!r} does not fit its offsets")
     if count == 0:
         return torch.empty(shape, dtype=dtype)
     with warnings.catch_warnings():  # a read-only `bytes` payload: the views are only read

@@ -27,11 +27,13 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 import yaml
 from pydantic import ValidationError
 
 from skyfed.config import ExperimentConfig
-from skyfed.errors import AuthError, ConfigError, DataError, SkyfedError
+from skyfed.compression import strictjson
+from skyfed.errors import AuthError, ConfigError, DataError, SkyfedError, WireFormatError
 from skyfed.federation.messages import ClientResult, TrainTask
 from skyfed.runtime.grpc import DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION
 from skyfed.runtime.grpc import skyfed_pb2 as pb
@@ -70,6 +72,14 @@ class ClientOptions:
 class Pulled:
     status: str  # "task" | "wait" | "done"
     task: TrainTask | None = None
+
+
+def _task_chunk(raw: bytes) -> pb.TaskChunk:
+    """A TaskChunk from the server; WireFormatError if the bytes are not one."""
+    try:
+        return pb.TaskChunk.FromString(raw)
+    except DecodeError as exc:
+        raise WireFormatError(f"malformed task chunk from the server: {exc}") from None
 
 
 def _fail_message(err: grpc.RpcError) -> str:
@@ -170,7 +180,7 @@ class FederationSession:
             req = pb.PullRequest(protocol_version=self.opts.protocol_version, name=self.opts.name,
                                  session_id=self.session_id, wait_s=self.opts.pull_wait_s)
             stream = self._pull(req, metadata=self._metadata())
-            h = pb.TaskChunk.FromString(next(stream)).header
+            h = _task_chunk(next(stream)).header
             if h.status == pb.DONE:
                 return Pulled("done")
             if h.status != pb.TASK:
@@ -180,8 +190,11 @@ class FederationSession:
             buf = Assembler(h.payload_bytes, f"global model of round {h.round}")
             for raw in stream:
                 data = data_of(raw)
-                buf.add(data if data is not None else pb.TaskChunk.FromString(raw).data)
-            task = TrainTask(h.round, h.version, buf.finish(), h.steps, json.loads(h.options_json or "{}"))
+                buf.add(data if data is not None else _task_chunk(raw).data)
+            options = strictjson.loads((h.options_json or "{}").encode(), f"task options of round {h.round}")
+            if not isinstance(options, dict):
+                raise WireFormatError(f"task options of round {h.round}: not a JSON object")
+            task = TrainTask(h.round, h.version, buf.finish(), h.steps, options)
             return Pulled("task", task)
 
         return self._retrying("pull task", call)
