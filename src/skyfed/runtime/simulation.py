@@ -19,6 +19,7 @@ from skyfed.metrics import RunDir
 from skyfed.model import federated_parameter_names, num_parameters
 from skyfed.runtime.finish import build_summary, save_hf_model
 from skyfed.clouds import network_from_config
+from skyfed.runtime.attack import apply_junk_data, wrap_with_attack  # [robust]
 from skyfed.runtime.cloud_metrics import CloudAccounting
 from skyfed.runtime.inprocess import ParallelTransport, SimulatedTransport
 from skyfed.runtime.setup import apply_threads, device_for, make_client, make_evaluator, new_model, prepare_data
@@ -40,15 +41,17 @@ def run_simulation(
     apply_threads(cfg)
     device = device_for(cfg)
     strat = cfg.federation.strategy  # validate the strategy's params before any work
-    strategy = build_strategy(strat.name, strat.params, evaluate_params=lambda params: 0.0)
+    strategy = build_strategy(strat.name, strat.params, evaluate_params=lambda params: 0.0, norm_bound=strat.norm_bound)
     network = network_from_config(cfg, 0) if cfg.clouds.simulate else None  # config errors before any work
     run = RunDir(out or default_run_dir(cfg))
     run.write_config(dump_config(cfg))
     emit("status", {"message": "preparing data and tokenizer"})
     data = prepare_data(cfg)
+    data = apply_junk_data(cfg, data)  # [robust] attack: junk_data (simulation only)
     if data.partition is not None:
         run.write_json("partition.json", data.partition.stats)
     transport = make_transport(cfg, data, device, network, emit)
+    transport = wrap_with_attack(cfg, transport, data.tokenizer)  # [robust] attack: update-level (simulation only)
     try:
         return _train(cfg, run, data, device, strategy, network, transport, emit, started)
     finally:
@@ -85,7 +88,7 @@ def _train(cfg, run, data, device, strategy, network, transport, emit, started) 
         from skyfed.runtime.server_eval import make_params_evaluator
 
         evaluator_fn = make_params_evaluator(cfg, data.valid.tokens, new_model(cfg, data.tokenizer), device)
-        strategy = build_strategy(strat.name, strat.params, evaluate_params=evaluator_fn)
+        strategy = build_strategy(strat.name, strat.params, evaluate_params=evaluator_fn, norm_bound=strat.norm_bound)
     if network is not None:
         network.num_params = num_parameters(model)
     engine = Engine(cfg, transport, model, federated_parameter_names(model), strategy, evaluator, run, emit)

@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 from pydantic import ValidationError
 
-from skyfed.config import ExperimentConfig
+from skyfed.config import ExperimentConfig, refuse_attack
 from skyfed.errors import AuthError, ConfigError, DataError, SkyfedError
 from skyfed.federation.messages import ClientResult, TrainTask
 from skyfed.runtime.grpc import DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION
@@ -209,9 +209,11 @@ class FederationSession:
 
 def _config_from(reply: pb.RegisterReply) -> ExperimentConfig:
     try:
-        return ExperimentConfig.model_validate(yaml.safe_load(reply.config_yaml))
+        cfg = ExperimentConfig.model_validate(yaml.safe_load(reply.config_yaml))
     except (yaml.YAMLError, ValidationError) as exc:
         raise ConfigError(f"the server sent a config this client cannot read (version mismatch?): {exc}") from None
+    refuse_attack(cfg, "skyfed client")  # attacks are for simulation only
+    return cfg
 
 
 def _save_tokenizer(files: dict[str, bytes], cache: Path) -> Path:

@@ -33,11 +33,12 @@ def add_commands(app: typer.Typer) -> None:
         chunk_mib: float = typer.Option(4.0, "--chunk-mib", help="stream chunk size in MiB"),
     ) -> None:
         """Run the aggregation server of a real deployment (gRPC)."""
-        from skyfed.config import load_config
+        from skyfed.config import load_config, refuse_attack
         from skyfed.runtime.grpc.server import ServerOptions, run_server
 
         _verbose()
         cfg = load_config(config, preset, set_)
+        refuse_attack(cfg, "skyfed server")  # attacks are for simulation only
         opts = ServerOptions(listen, tls_cert, tls_key, client_ca, tokens, insecure, out, resume, join_timeout, int(chunk_mib * 2**20))
         run_dir, summary = run_server(cfg, opts)
         typer.echo(f"done: {summary['rounds']} rounds, val_ppl {summary['final']['val_ppl']:.2f}; run directory {run_dir.path}")

@@ -134,7 +134,8 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
     try:
         model = new_model(cfg, data.tokenizer).to(device)
         evaluator = make_evaluator(cfg, data.valid.tokens, device)
-        strategy = build_strategy(cfg.federation.strategy.name, cfg.federation.strategy.params)
+        strat = cfg.federation.strategy
+        strategy = build_strategy(strat.name, strat.params, norm_bound=strat.norm_bound)
         engine = ServerEngine(cfg, transport, model, federated_parameter_names(model), strategy, evaluator, run, emit)
         if resume:
             engine.resume()
