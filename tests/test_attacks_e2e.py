@@ -44,7 +44,7 @@ def test_norm_bound_and_loss_filter_contain_a_scaled_update(tmp_path):
     assert "gcp" in rows[0]["norm_bound"]["clipped"]
     filtered, rows = run(tmp_path / "filter", attack, "federation.strategy.name=loss_filter",
                          "federation.strategy.params={server_tokens: 1024}")
-    assert all(r["loss_filter"]["dropped"] == ["gcp"] for r in rows)
+    assert all("gcp" in r["loss_filter"]["dropped"] for r in rows)
     assert broken > 10 * bounded and broken > 10 * filtered, (broken, bounded, filtered)
 
 

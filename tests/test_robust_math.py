@@ -68,12 +68,12 @@ def test_centered_clip_one_iteration_exact():
     assert adaptive["w"].tolist() == pytest.approx(v["w"].tolist())
 
 
-def test_mad_threshold():
-    # median 2, deviations [1, 0, 1, 8] -> MAD (0 + 1... sorted [0,1,1,8]) = 1
-    assert rm.mad_threshold([1.0, 2.0, 3.0, 10.0, 2.0], k=3.0, min_margin=0.0) == 2.0 + 3.0 * 1.0
-    assert rm.mad_threshold([2.0, 2.0, 2.0], k=3.0, min_margin=0.05) == 2.05
-    assert rm.mad_threshold([math.inf, math.nan], 3.0, 0.0) == math.inf
-    assert rm.mad_threshold([1.0, math.inf, 1.5], 1.0, 0.0) == 1.25 + 0.25
+def test_mad_band():
+    # median 2, absolute deviations sorted [0, 0, 1, 1, 8] -> MAD 1
+    assert rm.mad_band([1.0, 2.0, 3.0, 10.0, 2.0], k=3.0, min_margin=0.0) == (2.0 - 3.0, 2.0 + 3.0)
+    assert rm.mad_band([2.0, 2.0, 2.0], k=3.0, min_margin=0.5) == (1.5, 2.5)
+    assert rm.mad_band([math.inf, math.nan], 3.0, 0.0) == (-math.inf, math.inf)
+    assert rm.mad_band([1.0, math.inf, 1.5], 1.0, 0.0) == (1.0, 1.5)  # median 1.25, MAD 0.25
 
 
 def test_mean_weighted():

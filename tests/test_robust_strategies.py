@@ -35,7 +35,7 @@ def test_registered_with_paper_and_listed_params():
     assert yaml_params(STRATEGIES["krum"]) == ["f", "server_lr"]
     assert yaml_params(STRATEGIES["multikrum"]) == ["f", "m", "server_lr"]
     assert yaml_params(STRATEGIES["centered_clip"]) == ["tau", "iterations", "server_lr"]
-    assert yaml_params(STRATEGIES["loss_filter"]) == ["k", "min_margin", "server_tokens"]
+    assert yaml_params(STRATEGIES["loss_filter"]) == ["k", "min_margin", "two_sided", "server_tokens"]
     assert "max_client_share" in yaml_params(STRATEGIES["fedasync"]) and "max_staleness" in yaml_params(STRATEGIES["fedbuff"])
 
 
@@ -118,7 +118,8 @@ def test_norm_bound_wraps_each_kind_and_clips_before_the_strategy():
     listed = build_strategy("fedavg", norm_bound=1.0).aggregate(G, ups, 0)
     for out in (streamed, listed):
         assert out.params["w"].tolist() == pytest.approx([1.0 - 0.45, -2.0 - 0.6])
-        assert out.metrics["norm_bound"] == {"bound": 1.0, "clipped": {"x": pytest.approx(500.0)}}
+        assert out.metrics["norm_bound"] == {"bound": 1.0, "clipped": {"x": pytest.approx(500.0)},
+                                             "norms": {"a": pytest.approx(0.5), "x": pytest.approx(500.0)}}
     assert ups[1].delta["w"].tolist() == [300.0, 400.0]  # the update itself is not modified
 
 
@@ -158,6 +159,11 @@ def test_loss_filter_drops_the_outlier_and_fedavgs_the_rest():
     assert out.params["w"].tolist() == pytest.approx([0.0, -3.0])
     assert out.metrics["weights"] == {"a": 0.25, "b": 0.75, "x": 0.0}
     assert out.metrics["scores"]["x"] == pytest.approx(math.sqrt(51**2 + 1))  # candidate (51, -2)
+    # two-sided: a candidate far better than the rest is dropped too, unless two_sided is false
+    low = [upd("a", [0.0, 0.0]), upd("b", [0.0, 0.0]), upd("c", [0.1, 0.0]), upd("y", [1.0, 1.0])]
+    assert s.aggregate(G, low, 0).metrics["loss_filter"]["dropped"] == ["y"]
+    one = build_strategy("loss_filter", {"two_sided": False}, evaluate_params=evaluate_params)
+    assert one.aggregate(G, low, 0).metrics["loss_filter"]["dropped"] == []
     nan = build_strategy("loss_filter", evaluate_params=lambda p: math.nan if p["w"][0] > 10 else 1.0)
     assert nan.aggregate(G, [upd("a", [0.0, 0.0]), upd("x", [-50.0, 0.0])], 0).metrics["loss_filter"]["dropped"] == ["x"]
     with pytest.raises(ConfigError, match="loss_filter' needs a server-side validation set"):

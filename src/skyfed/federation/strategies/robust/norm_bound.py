@@ -10,8 +10,9 @@ The bound is on the global L2 norm of all of an update's tensors. The wrapper ke
 kind of the strategy it wraps, so the engine treats it the same way: a `MeanStrategy`
 (FedAvg, FedOpt, ...) still folds updates one at a time (each clipped before it is
 folded), an `AsyncStrategy` clips in `on_update`, any other clips the round's list.
-The clients clipped in a round (with their original norms) go to metrics.jsonl under
-"norm_bound".
+Every update's norm, and which ones were clipped, go to metrics.jsonl under
+"norm_bound" ({"bound", "clipped": {client: norm}, "norms": {client: norm}}), which is
+how to choose C: a little above the honest clients' norms.
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ class _Clipper:
         self.inner = inner
         self.bound = bound
         self.clipped: dict[str, float] = {}
+        self.norms: dict[str, float] = {}  # every update's norm since the last report (to choose C)
         self.name = inner.name
         self.description = inner.description
         self.paper = inner.paper
 
     def clip(self, update: Update) -> Update:
         delta, norm = clip_to_norm(update.delta, self.bound)
+        self.norms[update.client] = norm
         if delta is update.delta:
             return update
         self.clipped[update.client] = norm
@@ -51,8 +54,11 @@ class _Clipper:
 
     def report(self, result: AggregateResult | None) -> AggregateResult | None:
         if result is not None:
-            result.metrics = {**result.metrics, "norm_bound": {"bound": self.bound, "clipped": dict(self.clipped)}}
-            self.clipped = {}
+            result.metrics = {
+                **result.metrics,
+                "norm_bound": {"bound": self.bound, "clipped": dict(self.clipped), "norms": dict(self.norms)},
+            }
+            self.clipped, self.norms = {}, {}
         return result
 
     def client_options(self, round: int) -> dict[str, Any]:

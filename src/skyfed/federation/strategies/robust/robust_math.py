@@ -146,15 +146,15 @@ def centered_clip(updates: Sequence[Params], center: Params, tau: float | None, 
     return v, factors
 
 
-def mad_threshold(values: Sequence[float], k: float, min_margin: float) -> float:
-    """median + max(k * MAD, min_margin) over the finite values (MAD: the median absolute
-    deviation from the median); inf when none is finite."""
+def mad_band(values: Sequence[float], k: float, min_margin: float) -> tuple[float, float]:
+    """median -/+ max(k * MAD, min_margin) over the finite values (MAD: the median absolute
+    deviation from the median); (-inf, inf) when none is finite."""
     finite = sorted(v for v in values if math.isfinite(v))
     if not finite:
-        return math.inf
+        return -math.inf, math.inf
     med = _median(finite)
-    mad = _median(sorted(abs(v - med) for v in finite))
-    return med + max(k * mad, min_margin)
+    margin = max(k * _median(sorted(abs(v - med) for v in finite)), min_margin)
+    return med - margin, med + margin
 
 
 def _median(sorted_values: Sequence[float]) -> float:
