@@ -90,6 +90,10 @@ def test_attack_arithmetic():
     noisy = attacks.noise(big, 5.0, g)["w"]
     assert noisy.norm().item() == pytest.approx(5.0, rel=0.05)
     assert abs(noisy.mean().item()) < 0.01
+    two = {"a": torch.ones(3), "b": torch.ones(2)}
+    ab = attacks.noise(two, 1.0, torch.Generator().manual_seed(1))
+    ba = attacks.noise({"b": two["b"], "a": two["a"]}, 1.0, torch.Generator().manual_seed(1))
+    assert all(torch.equal(ab[n], ba[n]) for n in two)  # the same noise per name, whatever the dict order
     honest = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([3.0, 0.0])}]
     assert attacks.alie(honest, 2.0)["w"].tolist() == [0.0, 0.0]  # mean 2 - 2 * std 1
     assert attacks.alie_z(5, 1) == pytest.approx(0.2533471, abs=1e-6)  # Phi^-1(0.6)

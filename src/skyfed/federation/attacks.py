@@ -40,7 +40,9 @@ def noise(delta: Params, k: float, generator: torch.Generator) -> Params:
     d = sum(t.numel() for t in delta.values())
     norm = math.sqrt(sum(float(t.to(torch.float64).pow(2).sum()) for t in delta.values()))
     sigma = k * norm / math.sqrt(max(1, d))
-    return {n: torch.randn(t.shape, generator=generator, dtype=torch.float32) * sigma for n, t in delta.items()}
+    # drawn in name order: a decoded payload's dict order is not guaranteed to repeat
+    drawn = {n: torch.randn(delta[n].shape, generator=generator, dtype=torch.float32) * sigma for n in sorted(delta)}
+    return {n: drawn[n] for n in delta}
 
 
 def alie_z(n: int, f: int) -> float:
