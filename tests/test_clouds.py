@@ -176,14 +176,29 @@ def test_calibration_counts_the_tokens_it_timed():
     assert m["tokens_per_s"] * m["seconds"] == pytest.approx(2 * cfg.train.batch_size * cfg.train.seq_len)
 
 
-def test_accounting_resumes_clock_and_bill_from_the_last_metrics_line():
+def test_transport_state_restores_the_clock_the_bill_and_results_in_flight():
     from skyfed.runtime.cloud_metrics import CloudAccounting
 
+    class StatelessClient(FakeClient):
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            assert state == {}
+
     n = net()
-    acc = CloudAccounting(SimulatedTransport([FakeClient("a")], n), n)
-    acc.resume_from({"sim_time_s": 12.5, "egress_bytes": {"hub": 10**9, "fast": 0, "slow": 0}})
-    assert acc.transport.now() == 12.5
-    assert acc.summary()["egress_cost_usd"]["hub"] == pytest.approx(1.0)
+    t = SimulatedTransport([StatelessClient("a")], n)
+    t.send("a", task(0))
+    t.receive()
+    t.send("a", task(1))  # still travelling when the checkpoint is taken
+    state = t.state_dict()
+    n2 = net()
+    t2 = SimulatedTransport([StatelessClient("a")], n2)
+    t2.load_state_dict(state)
+    assert t2.now() == t.now() and n2.egress_bytes == n.egress_bytes
+    later, restored = t.receive(), t2.receive()
+    assert restored.round == later.round == 1 and t2.now() == t.now()
+    assert CloudAccounting(t2, n2).summary()["egress_cost_usd"] == CloudAccounting(t, n).summary()["egress_cost_usd"]
 
 
 def test_fixed_aggregation_time_makes_the_round_clock_exact():

@@ -63,7 +63,7 @@ def test_fedavg_round_equals_token_weighted_mean_of_client_models(smoke, tmp_pat
         from skyfed.federation.messages import TrainTask
 
         result = client.handle(TrainTask(0, 0, encode_payload(start, kind="model"), cfg.train.local_steps))
-        models.append(get_params(client.trainer.model, replay.param_names))
+        models.append(get_params(client.trainer.model, replay.core.param_names))
         weights.append(result.num_tokens)
     expected = weighted_mean(models, weights)
     for n in engine.params:

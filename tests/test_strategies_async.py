@@ -55,7 +55,8 @@ class SimTransport(Transport):
         if task.round in self.fail:
             result = ClientResult(client, task.round, task.version, None, error="disk full")
         else:
-            payload = encode_payload({"w": start - end}, kind="update", round=task.round, client=client)
+            payload = encode_payload({"w": start - end}, kind="update", round=task.round, client=client,
+                                     base_version=task.version)
             result = ClientResult(client, task.round, task.version, payload, num_tokens=10, train_loss=1.0,
                                   compute_s=self.durations[client])
         finish = self.clock + self.durations[client]
@@ -196,7 +197,7 @@ def test_deterministic_and_resumable(tmp_path):
     assert torch.equal(e1.params["w"], e2.params["w"])
     # stop after 2 lines, then resume to 3: the buffer and version come back from the checkpoint
     e3 = run(tmp_path / "z", 2)
-    assert e3.strategy.buffer == []  # flushed at the end of the budget
+    assert e3.core.strategy.buffer == []  # flushed at the end of the budget
     e4 = run(tmp_path / "z", 3, resume=True)
     assert [r["round"] for r in lines(tmp_path / "z")] == [0, 1, 2]
     assert e4.version > e3.version

@@ -158,11 +158,12 @@ class ScriptedTransport(Transport):
         return list(self.deltas)
 
     def send(self, client: str, task: TrainTask) -> None:
+        self.version = task.version
         self.queue.append((client, task.round))
         if len(self.queue) == 2:  # the extras arrive while the round is still open
             self.queue.extend((c, task.round + dr) for c, dr in self.extra)
 
-    def release(self, result: ClientResult) -> None:
+    def release(self, result: ClientResult, rejection: str | None = None) -> None:
         assert result.payload is None  # the engine dropped its reference first
         self.released += 1
 
@@ -171,11 +172,12 @@ class ScriptedTransport(Transport):
             return None
         client, round = self.queue.popleft()
         self.received += 1
-        payload = Buf(encode_payload(self.deltas[client], kind="update"))
+        v = self.version
+        payload = Buf(encode_payload(self.deltas[client], kind="update", round=round, client=client, base_version=v))
         self.alive = [r for r in self.alive if r() is not None] + [weakref.ref(payload)]
         self.peak_alive = max(self.peak_alive, len(self.alive))
         i = list(self.deltas).index(client)
-        return ClientResult(client, round, 0, payload, num_tokens=100 * (i + 1) ** 2, train_loss=1.0 + i)
+        return ClientResult(client, round, v, payload, num_tokens=10 * (i + 1) ** 2, train_loss=1.0 + i)
 
 
 class Tiny(torch.nn.Module):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from skyfed.checkpoint import load_checkpoint
+from skyfed.federation.checkpoint import load_checkpoint
 from skyfed.config import ExperimentConfig, load_config
 from skyfed.errors import ConfigError, SkyfedError
 from skyfed.federation.messages import TrainTask

@@ -22,13 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from skyfed.config import ExperimentConfig, dump_config
+from skyfed.config import ExperimentConfig
 from skyfed.errors import ConfigError
 from skyfed.federation.engine import EventSink
 from skyfed.metrics import RunDir
 from skyfed.model import num_parameters
-from skyfed.runtime.finish import build_summary, save_hf_model
-from skyfed.runtime.setup import apply_threads, device_for, make_evaluator, new_model, prepare_data
+from skyfed.runtime.assemble import check_config, finish, prepare
 from skyfed.train import LocalTrainer, sample_windows
 
 BASELINES = ("sync", "sequential")
@@ -39,14 +38,9 @@ def run_baseline(
 ) -> tuple[RunDir, dict[str, Any]]:
     if kind not in BASELINES:
         raise ConfigError(f"--baseline: unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}")
-    started = time.perf_counter()
-    emit = on_event or (lambda k, d: None)
-    apply_threads(cfg)
-    device = device_for(cfg)
-    run = RunDir(out or Path(cfg.out_dir) / f"{cfg.name}-baseline-{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run.write_config(dump_config(cfg))
-    emit("status", {"message": "preparing data and tokenizer"})
-    data = prepare_data(cfg)
+    check_config(cfg)
+    ctx = prepare(cfg, out, f"-baseline-{kind}", on_event)
+    emit, data, model, evaluator = ctx.emit, ctx.data, ctx.model, ctx.evaluator
     shards = list(data.client_tokens.values())
     pooled = np.concatenate(shards)
     n_clients, rounds, k = len(shards), cfg.federation.rounds, cfg.train.local_steps
@@ -62,10 +56,8 @@ def run_baseline(
         def sample(rng: np.random.Generator) -> torch.Tensor:
             return sample_windows(pooled, tc.batch_size, tc.seq_len, rng)
 
-    model = new_model(cfg, data.tokenizer)
-    trainer = LocalTrainer(model, tc, device, rounds * steps_per_round)
-    evaluator = make_evaluator(cfg, data.valid.tokens, device)
-    emit("start", {"rounds": rounds, "clients": [], "params": num_parameters(model), "run_dir": str(run.path)})
+    trainer = LocalTrainer(model, tc, ctx.device, rounds * steps_per_round)
+    emit("start", {"rounds": rounds, "clients": [], "params": num_parameters(model), "run_dir": str(ctx.run_dir.path)})
     rng = np.random.default_rng([cfg.seed, 99])
     torch.manual_seed(cfg.seed)
     on_step = lambda step, loss: emit("local_step", {"client": kind, "step": step, "steps": steps_per_round, "loss": loss})  # noqa: E731
@@ -81,12 +73,7 @@ def run_baseline(
             "val_token_acc": ev.token_acc, "bytes_up": 0, "bytes_down": 0, "tokens": tokens_total,
             "compute_s": {kind: stats.seconds}, "wall_time_s": time.perf_counter() - t0,
         }
-        run.append_metrics(record)
+        ctx.run_dir.append_metrics(record)
         emit("round_end", record)
-    final = evaluator(model, cfg.eval.final_max_batches)
-    save_hf_model(model, data.tokenizer, run)
-    summary = build_summary(run, final, data.unigram_ppl, time.perf_counter() - started, {
-        "mode": f"baseline-{kind}", "params": num_parameters(model), "train_tokens": tokens_total, "device": str(device),
-    })
-    run.write_summary(summary)
-    return run, summary
+    summary = finish(ctx, {"mode": f"baseline-{kind}", "train_tokens": tokens_total})
+    return ctx.run_dir, summary

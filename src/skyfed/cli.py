@@ -30,23 +30,19 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/NAME-TIME)"),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="centralized baseline instead: sync | sequential"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    resume: bool = typer.Option(False, "--resume", help="continue the stopped run in --out exactly where it left off"),
 ) -> None:
     """Run a federated experiment in simulation (or a centralized baseline)."""
-    from skyfed.config import load_config
+    from skyfed.api import run as run_experiment
     from skyfed.ui import ProgressView, print_summary
 
-    cfg = load_config(config, preset, set_)
+    if resume and baseline is not None:
+        fail("--resume works for federated runs, not for --baseline")
     view = ProgressView(console, enabled=not quiet)
     with view:
-        if baseline is not None:
-            from skyfed.baselines import run_baseline
-
-            run_dir, summary = run_baseline(cfg, baseline, out, view.handle)
-        else:
-            from skyfed.runtime.simulation import run_simulation
-
-            run_dir, summary = run_simulation(cfg, out, view.handle)
-    print_summary(console, run_dir.path, summary)
+        result = run_experiment(config, preset=preset, overrides=set_, out=out, baseline=baseline, resume=resume,
+                                on_event=view.handle)
+    print_summary(console, result.run_dir, result.summary)
 
 
 @app.command()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import re
 import zlib
+from typing import Any
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -251,6 +252,12 @@ class CloudNetwork:
         cloud = self.client_cloud[client]
         if not (self.same_cloud_free and cloud == self.server_cloud):
             self.egress_bytes[cloud] += nbytes
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"egress_bytes": dict(self.egress_bytes)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.egress_bytes.update({c: int(n) for c, n in state["egress_bytes"].items() if c in self.egress_bytes})
 
     def egress_cost_usd(self) -> dict[str, float]:
         """Cumulative USD per cloud and `total`: bytes x price per GB / 1e9."""

@@ -302,9 +302,11 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 def load_config(
     path: str | Path | None = None,
     preset: str | None = None,
-    overrides: list[str] | None = None,
+    overrides: list[str | tuple[str, Any]] | None = None,  # "key.path=yaml" or (key.path, value)
+    data: dict[str, Any] | None = None,
 ) -> ExperimentConfig:
-    """Preset (default "default") <- YAML file <- overrides, validated once."""
+    """Preset (default "default") <- YAML file <- `data` (a dict of sections, as a YAML file
+    would hold) <- overrides, validated once."""
     name = preset or "default"
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
@@ -324,8 +326,13 @@ def load_config(
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = _deep_merge(tree, loaded)
         source = str(path)
+    if data is not None:
+        if not isinstance(data, dict):
+            raise ConfigError("a config given as data must be a mapping of sections")
+        tree = _deep_merge(tree, data)
+        source = "config dict" if path is None else f"{source} with a config dict"
     for item in overrides or []:
-        key, value = parse_override(item)
+        key, value = item if isinstance(item, tuple) else parse_override(item)
         _set_path(tree, key, value)
         source = source if source.endswith(" with --set") else f"{source} with --set"
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -72,6 +72,14 @@ class LocalTrainer:
         self.total_steps = total_steps
         self.step = 0  # local steps taken so far (drives the schedule)
         self.optimizer = self._new_optimizer()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's moments and the schedule's step (what carries across rounds)."""
+        return {"optimizer": self.optimizer.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]

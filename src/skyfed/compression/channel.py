@@ -148,6 +148,12 @@ class DownlinkReceiver:
         self.tag: int | None = 0 if initial is not None else None
         self._initial_crc: int | None = None
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"held": self.held, "tag": self.tag, "initial_crc": self._initial_crc}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.held, self.tag, self._initial_crc = state["held"], state["tag"], state["initial_crc"]
+
     def receive(
         self, payload: bytes, spec: dict[str, TensorSpec], max_bytes: int | None, what: str = "global model"
     ) -> dict[str, torch.Tensor]:

@@ -49,6 +49,22 @@ class FederatedClient:
         self.uplink = Uplink.from_config(compression)  # keeps the error-feedback residual
         self.downlink = DownlinkReceiver(get_params(trainer.model, param_names))  # the model it holds
 
+    def state_dict(self) -> dict:
+        """What this client carries from round to round: optimizer moments and schedule
+        step, the error-feedback residual, the model it holds for delta downlinks."""
+        feedback = self.uplink.feedback
+        return {
+            "trainer": self.trainer.state_dict(),
+            "residual": feedback.state_dict() if feedback is not None else None,
+            "downlink": self.downlink.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer.load_state_dict(state["trainer"])
+        if self.uplink.feedback is not None and state["residual"] is not None:
+            self.uplink.feedback.load_state_dict(state["residual"])
+        self.downlink.load_state_dict(state["downlink"])
+
     @property
     def num_tokens(self) -> int:
         return len(self.tokens)

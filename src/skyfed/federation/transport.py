@@ -8,6 +8,7 @@ not wait; `receive` returns the next finished result in arrival order.
 from __future__ import annotations
 
 import time
+from typing import Any
 from abc import ABC, abstractmethod
 
 from skyfed.federation.messages import ClientResult, TrainTask
@@ -34,9 +35,15 @@ class Transport(ABC):
         says no); an unreachable client is sent nothing and counted as missing."""
         return True
 
-    def release(self, result: ClientResult) -> None:
+    def release(self, result: ClientResult, rejection: str | None = None) -> None:
         """The engine is done with `result` (decoded and folded, kept, or ignored): a
-        transport may now answer its sender (the gRPC one answers the push then)."""
+        transport may now answer its sender (the gRPC one answers the push then), with
+        `rejection`, the reason, when the update was refused."""
+
+    def checkpoint_parts(self) -> dict[str, Any]:
+        """Stateful parts of this transport for the run's checkpoint, by name. A part named
+        "transport" promises that results in flight are restored with it."""
+        return {}
 
     def now(self) -> float:
         """This transport's clock in seconds (real time unless simulated)."""

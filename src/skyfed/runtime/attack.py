@@ -91,8 +91,11 @@ class AttackTransport(Transport):
     def reachable(self, client: str, round: int) -> bool:
         return self.inner.reachable(client, round)
 
-    def release(self, result: ClientResult) -> None:
-        self.inner.release(result)
+    def release(self, result: ClientResult, rejection: str | None = None) -> None:
+        self.inner.release(result, rejection)
+
+    def checkpoint_parts(self) -> dict[str, Any]:
+        return self.inner.checkpoint_parts()
 
     def now(self) -> float:
         return self.inner.now()
@@ -127,7 +130,8 @@ class AttackTransport(Transport):
 
     def _poison_pending(self) -> None:
         fresh = self._pending()
-        bad = [r for r in fresh if r.client in self.attackers]
+        # a result restored from a checkpoint may have been poisoned before the stop
+        bad = [r for r in fresh if r.client in self.attackers and "attack" not in r.meta]
         for r in fresh:
             if r.client not in self.attackers:
                 delta = self._decode(r)

@@ -41,14 +41,6 @@ class CloudAccounting:
             "egress_cost_usd": self.network.egress_cost_usd(),
         }
 
-    def resume_from(self, record: dict[str, Any]) -> None:
-        """Continue the clock and the bill from the last metrics line of a resumed run."""
-        self.transport.elapse(float(record.get("sim_time_s", 0.0)) - self.transport.now())
-        for cloud, n in record.get("egress_bytes", {}).items():
-            if cloud in self.network.egress_bytes:
-                self.network.egress_bytes[cloud] = int(n)
-        self._round_start = self.transport.now()
-
     def summary(self) -> dict[str, Any]:
         """Fields for summary.json."""
         self.transport.settle()

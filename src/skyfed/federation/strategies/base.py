@@ -7,7 +7,7 @@ asynchronous buffer) is returned by `state_dict()` and goes into every checkpoin
 
 Synchronous strategies implement `aggregate` (all of a round's updates at once).
 Asynchronous ones (`AsyncStrategy`) implement `on_update`: the engine's event loop
-(`skyfed.federation.async_loop`) hands them each update as it arrives, with its
+(`skyfed.federation.loops.async_`) hands them each update as it arrives, with its
 staleness, and they decide whether to publish a new global version.
 """
 

@@ -91,7 +91,7 @@ class GrpcTransport(Transport):
                 self._cond.wait(left)
             return self._results.popleft()
 
-    def release(self, result: ClientResult) -> None:
+    def release(self, result: ClientResult, rejection: str | None = None) -> None:
         with self._cond:
             self._held.discard((result.client, result.round))
             self._cond.notify_all()
@@ -212,6 +212,9 @@ class GrpcTransport(Transport):
                     return pending
                 self._cond.wait(left)
 
+    def checkpoint_parts(self) -> dict:
+        return {"registry": _Registry(self)}
+
     def registry_state(self) -> dict[str, dict]:
         with self._cond:
             return {n: {"num_tokens": r.num_tokens, "rounds_submitted": list(r.rounds_submitted)} for n, r in self.clients.items()}
@@ -222,3 +225,16 @@ class GrpcTransport(Transport):
                 if name in self.clients:
                     self.clients[name].num_tokens = int(rec.get("num_tokens", 0))
                     self.clients[name].rounds_submitted = list(rec.get("rounds_submitted", []))
+
+
+class _Registry:
+    """The client registry as a checkpoint part (token counts, rounds submitted)."""
+
+    def __init__(self, transport: GrpcTransport):
+        self.transport = transport
+
+    def state_dict(self) -> dict:
+        return self.transport.registry_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.transport.load_registry_state(state)

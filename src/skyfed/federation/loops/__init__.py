@@ -1,0 +1,1 @@
+"""Loop policies over the server core: synchronous rounds and asynchronous events."""

@@ -1,0 +1,122 @@
+"""Synchronous rounds (FedAvg's loop, McMahan et al. 2017).
+
+Each round: select clients (seeded), send each the current model, collect one result
+per client until all are in or `federation.round_timeout_s` passes, let the server
+core validate each one and fold it into the round's aggregate, and with at least
+`federation.min_clients` updates publish the strategy's next model. The window closer
+then evaluates, writes the metrics line and checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+
+from skyfed.config import ExperimentConfig
+from skyfed.errors import SkyfedError
+from skyfed.federation.messages import TrainTask
+from skyfed.federation.server import Rejection, ServerCore
+from skyfed.federation.transport import Transport
+from skyfed.federation.window import Window, WindowCloser
+
+log = logging.getLogger(__name__)
+
+
+def select_clients(names: list[str], fraction: float, min_clients: int, rng: np.random.Generator) -> list[str]:
+    """A seeded random subset of max(min_clients, ceil(fraction * n)) clients, in config order."""
+    k = min(len(names), max(min_clients, math.ceil(fraction * len(names))))
+    if k == len(names):
+        return list(names)
+    chosen = set(rng.choice(len(names), size=k, replace=False).tolist())
+    return [n for i, n in enumerate(names) if i in chosen]
+
+
+class SyncLoop:
+    def __init__(self, core: ServerCore, transport: Transport, closer: WindowCloser, cfg: ExperimentConfig):
+        self.core = core
+        self.transport = transport
+        self.closer = closer
+        self.cfg = cfg
+        self.next_round = 0
+
+    def run(self) -> None:
+        for r in range(self.next_round, self.cfg.federation.rounds):
+            self.run_round(r)
+
+    def run_round(self, r: int) -> dict[str, Any]:
+        fed, core = self.cfg.federation, self.core
+        rng = np.random.default_rng([self.cfg.seed, r, 7])
+        selected = select_clients(self.transport.client_names(), fed.fraction, fed.min_clients, rng)
+        w = self.closer.open(r, selected)
+        options = core.strategy.client_options(r)
+        w.unreachable = [c for c in selected if not self.transport.reachable(c, r)]
+        reached = [c for c in selected if c not in w.unreachable]
+        tasks = {c: core.task(c, r, self.cfg.train.local_steps, options) for c in reached}
+        for client, task in tasks.items():
+            self.transport.send(client, task)
+            w.bytes_down[client] = len(task.payload)
+        w.dispatched = len(tasks)
+        waiting = self.collect(w, tasks)
+        core.settle(reached, w.accepted)
+        w.missing = [c for c in selected if c in w.unreachable or c in waiting]
+        if waiting:
+            log.warning("round %d: no update from %s", r, ", ".join(sorted(waiting)))
+        self.next_round = r + 1
+        return self.closer.close(w)
+
+    def collect(self, w: Window, tasks: dict[str, TrainTask]) -> set[str]:
+        """Receive round `w.round`'s results, validate and fold them, and publish the next
+        model with a quorum; returns the clients that never answered."""
+        fed, core, r = self.cfg.federation, self.core, w.round
+        aggregate = core.new_aggregate()
+        waiting = set(tasks)
+        end = None if fed.round_timeout_s is None else self.transport.now() + fed.round_timeout_s
+        while waiting:
+            timeout = None if end is None else max(0.0, end - self.transport.now())
+            result = self.transport.receive(timeout)
+            if result is None:
+                break
+            if result.client not in waiting or result.round != r:
+                log.warning("ignored a result from %s for round %d during round %d", result.client, result.round, r)
+                result.payload = None
+                self.transport.release(result, f"round {result.round} is not open for {result.client}")
+                continue
+            waiting.discard(result.client)
+            w.compute_s[result.client] = result.compute_s
+            w.meta[result.client] = result.meta
+            task = tasks[result.client]
+            got = core.accept(result, task.round, task.version, task.steps)
+            result.payload = None  # decoded (or refused): the received bytes can go
+            if isinstance(got, Rejection):
+                w.rejected[got.client] = got.reason
+                log.error("round %d: rejected the update from %s: %s", r, got.client, got.reason)
+                self.transport.release(result, got.reason)
+                continue
+            w.decoded += 1
+            w.bytes_up[got.client] = got.bytes_up
+            w.train_loss[got.client].append(got.train_loss)
+            aggregate.add(got)
+            self.transport.release(result)
+            w.accepted.append(got.client)
+        if len(aggregate) < fed.min_clients:
+            log.error("round %d: %d updates < min_clients=%d; the global model is unchanged", r, len(aggregate), fed.min_clients)
+        else:
+            out = aggregate.result(core.params, r)
+            try:
+                core.publish(out)
+                w.aggregated = True
+                w.extra.update(out.metrics)
+            except SkyfedError as exc:
+                log.error("round %d: %s", r, exc)
+                w.extra["aggregate_error"] = str(exc)
+        w.aggregate_s = aggregate.seconds
+        return waiting
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_round": self.next_round}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_round = int(state["next_round"])

@@ -1,0 +1,211 @@
+"""The server core: the one place that holds and changes the global model.
+
+`ServerCore` owns the federated parameters (one fp32 copy, shared with the evaluation
+model's tensors on the CPU), the model version, the downlink (what each client holds),
+the byte totals and the strategy. Every runtime and both loop policies go through it:
+
+    task = core.task(client, round, steps, options)     # the global model, encoded
+    got = core.accept(result, round=r, version=v)       # -> Update, or Rejection
+    agg = core.new_aggregate(); agg.add(update)         # folded as it arrives (mean strategies)
+    core.publish(agg.result(global_params, round))      # checked finite, then version += 1
+
+`accept` validates everything a client controls before any of it reaches a strategy:
+the transport's error field, the payload's framing, names, shapes and values
+(`decode_payload`), the payload's own header (kind, round, client and base version
+must match the push: an old update re-sent under a new round is refused), and the
+token count it claims (positive, and at most what its task could have trained on).
+`publish` refuses an aggregate that is not finite; the model then stays as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from skyfed.compression.channel import Downlink
+from skyfed.compression.payload import decode_payload
+from skyfed.compression.wire import TensorSpec
+from skyfed.errors import SkyfedError
+from skyfed.federation.messages import ClientResult, TrainTask, Update
+from skyfed.federation.strategies import Strategy
+from skyfed.federation.strategies.base import AggregateResult, Params
+from skyfed.federation.strategies.mean import MeanStrategy, RunningMean
+from skyfed.model import get_params
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rejection:
+    """Why a client's result did not become an update (one line, logged and recorded)."""
+
+    client: str
+    reason: str
+
+
+class Aggregate:
+    """One window's updates on their way to the strategy: folded into a running mean as
+    they arrive (a `MeanStrategy`, `streaming`) or kept as a list (the others)."""
+
+    def __init__(self, strategy: Strategy, spec: dict[str, TensorSpec], streaming: bool):
+        self.strategy = strategy
+        self.running = RunningMean(spec) if streaming else None
+        self.updates: list[Update] = []
+        self.seconds = 0.0  # folding and the strategy's step
+
+    def add(self, update: Update) -> None:
+        if self.running is not None:
+            t0 = time.perf_counter()
+            self.strategy.fold(self.running, update)  # type: ignore[attr-defined]
+            update.delta = {}  # folded: the tensors can go
+            self.seconds += time.perf_counter() - t0
+        self.updates.append(update)
+
+    def __len__(self) -> int:
+        return len(self.updates)
+
+    def result(self, global_params: Params, round: int) -> AggregateResult:
+        t0 = time.perf_counter()
+        if self.running is None:
+            out = self.strategy.aggregate(global_params, self.updates, round)
+        else:
+            out = self.strategy.finish(global_params, self.running, round)  # type: ignore[attr-defined]
+            self.running = None
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+class ServerCore:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        param_names: list[str],
+        strategy: Strategy,
+        compression: Any | None = None,  # skyfed.config.CompressionConfig
+        max_update_bytes: int | None = None,
+        max_tokens_per_step: int | None = None,  # batch_size x seq_len: bounds a claimed token count
+    ):
+        self.model = model
+        self.param_names = list(param_names)
+        self.strategy = strategy
+        self.max_update_bytes = max_update_bytes
+        self.max_tokens_per_step = max_tokens_per_step
+        self.params: Params = {}
+        self._bind(get_params(model, self.param_names))
+        self.spec = {n: TensorSpec(tuple(t.shape), torch.float32) for n, t in self.params.items()}
+        self.downlink = Downlink.from_config(compression, self.spec)
+        self.version = 0
+        self.totals = {"bytes_up": 0, "bytes_down": 0}
+        # Fold each update as it arrives (the module docstring); False keeps a list (same result).
+        self.streaming = isinstance(strategy, MeanStrategy)
+
+    # ------------------------------------------------------------ the model
+
+    def _bind(self, params: Params) -> None:
+        """Make `params` the global model; on the CPU the model's tensors become these very
+        tensors (one copy, not two). They are replaced on publish, never changed in place,
+        so a strategy may keep an old version (FedAsync's bases)."""
+        named = dict(self.model.named_parameters())
+        self.params = {n: params[n].to(torch.float32).contiguous() for n in self.param_names}
+        with torch.no_grad():
+            for n, t in self.params.items():
+                p = named[n]
+                if p.device.type == "cpu" and p.dtype == torch.float32:
+                    p.data = t
+                else:
+                    p.copy_(t)
+
+    def publish(self, out: AggregateResult) -> None:
+        """Adopt the strategy's new parameters as the next version; refused if not finite."""
+        bad = [n for n in self.param_names if not bool(torch.isfinite(out.params[n]).all())]
+        if bad:
+            raise SkyfedError(f"the aggregate is not finite in {bad[0]} (and {len(bad) - 1} more); the global model is unchanged")
+        self._bind(out.params)
+        self.version += 1
+
+    def new_aggregate(self) -> Aggregate:
+        return Aggregate(self.strategy, self.spec, self.streaming)
+
+    # ------------------------------------------------------------ clients
+
+    def task(self, client: str, round: int, steps: int, options: dict[str, Any]) -> TrainTask:
+        """The task that brings `client` to the current model (downlink-encoded)."""
+        payload = self.downlink.payload_for(client, self.params, round, self.version)
+        return TrainTask(round, self.version, payload, steps, options)
+
+    def settle(self, sent: list[str], answered: list[str]) -> None:
+        """After a window: clients sent a task that did not answer get the whole model next
+        time (their state is uncertain); encodings cached for this version are dropped."""
+        self.downlink.settle(sent, answered)
+
+    def accept(self, result: ClientResult, round: int, version: int, steps: int | None = None) -> Update | Rejection:
+        """Validate a client's result for the task (`round`, built from `version`, of
+        `steps` local steps) it answers; a `Rejection` says why not, in one line."""
+        try:
+            return self._decode(result, round, version, steps)
+        except SkyfedError as exc:
+            return Rejection(result.client, str(exc))
+        except Exception as exc:  # a bug or a hostile payload: still only a refusal
+            log.exception("unexpected error while validating the update from %s", result.client)
+            return Rejection(result.client, f"update from {result.client} could not be validated ({type(exc).__name__})")
+
+    def _decode(self, result: ClientResult, round: int, version: int, steps: int | None) -> Update:
+        who = f"update from {result.client}"
+        if result.error is not None or result.payload is None:
+            raise SkyfedError(result.error or f"{who}: no payload")
+        if result.round != round:
+            raise SkyfedError(f"{who}: answers round {result.round}, its task was round {round}")
+        if result.base_version != version:
+            raise SkyfedError(f"{who}: claims base version {result.base_version}, its task carried {version}")
+        tokens = result.num_tokens
+        if not isinstance(tokens, int) or tokens <= 0:
+            raise SkyfedError(f"{who}: token count {tokens!r} is not a positive integer")
+        if steps is not None and self.max_tokens_per_step is not None and tokens > steps * self.max_tokens_per_step:
+            raise SkyfedError(
+                f"{who}: claims {tokens} tokens, its task allows at most {steps * self.max_tokens_per_step}"
+            )
+        delta, header = decode_payload(result.payload, self.spec, self.max_update_bytes, what=who, views=True)
+        expected = {"kind": "update", "round": round, "client": result.client, "base_version": version}
+        for key, want in expected.items():
+            if header.get(key) != want:
+                raise SkyfedError(f"{who}: its payload says {key}={header.get(key)!r}, expected {want!r} (replayed or forged)")
+        return Update(
+            client=result.client,
+            round=result.round,
+            base_version=result.base_version,
+            delta=delta,
+            num_tokens=tokens,
+            train_loss=result.train_loss,
+            holdout_loss=result.holdout_loss,
+            bytes_up=len(result.payload),
+        )
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the parameters (saved beside, as safetensors)."""
+        dl = self.downlink
+        return {
+            "version": self.version,
+            "totals": dict(self.totals),
+            "strategy": self.strategy.state_dict(),
+            "downlink": {"held": dl.held, "client_tag": dict(dl.client_tag), "next_tag": dl.next_tag,
+                         "met": sorted(dl.met), "initial_crc": dl.initial_crc},
+        }
+
+    def load_state_dict(self, state: dict[str, Any], params: Params) -> None:
+        if set(params) != set(self.param_names):
+            raise SkyfedError("the checkpoint does not match this experiment's model")
+        self._bind(params)
+        self.version = int(state["version"])
+        self.totals = dict(state["totals"])
+        self.strategy.load_state_dict(state["strategy"])
+        dl, saved = self.downlink, state.get("downlink")
+        if saved is not None:
+            dl.held, dl.client_tag, dl.next_tag = saved["held"], dict(saved["client_tag"]), saved["next_tag"]
+            dl.met, dl.initial_crc = set(saved["met"]), saved["initial_crc"]
+        dl.settle([], [])
