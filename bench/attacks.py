@@ -153,17 +153,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = base_sets(args)
     rows: list[dict[str, Any]] = []
 
+    bound: dict[str, Any] = {"C": None, "norms": []}
+
     def record(label: dict[str, Any], sets: list[str]) -> dict[str, Any]:
         out = run_one(args.preset, base + sets)
         rec = row_record(label, out)
         rows.append(rec)
         print(json.dumps({k: rec[k] for k in ("defence", "attack", "val_ppl", "wall_s") if k in rec}), flush=True)
+        if bound["C"] is not None:  # a stopped run leaves the rows it finished
+            save(args, argv, rows, load_start, started, base, attacks, bound["C"], bound["norms"], complete=False)
         return out
 
     # clean FedAvg first: the reference, and (through an infinite norm bound) the honest update norms
     clean = record({"defence": "fedavg", "attack": "none"}, ["federation.strategy.name=fedavg", "federation.strategy.norm_bound=1e30"])
     norms = honest_norms(clean)
     norm_bound = round(1.5 * statistics.median(norms), 4)
+    bound.update(C=norm_bound, norms=norms)
     for attack in attacks:
         for defence in defences:
             if (defence, attack) == ("fedavg", "none"):
@@ -188,11 +193,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 label = {"defence": name + ("+guards" if guard else "") + ("+norm_bound" if nb else ""), "attack": attack,
                          "mode": "async", "params": p, "attacker_fast": bool(extra)}
                 record(label, sets + attack_sets(attack))
+    result = save(args, argv, rows, load_start, started, base, attacks, norm_bound, norms, complete=True)
+    print(table(result))
+    return result
+
+
+def save(args, argv, rows, load_start, started, base, attacks, norm_bound, norms, complete: bool) -> dict[str, Any]:
+    """Write the result JSON (ratios to the first row, clean FedAvg); `complete` false while running."""
     ref = rows[0]["val_ppl"]
     for r in rows:
         r["ratio_to_clean_fedavg"] = r["val_ppl"] / ref
     result = {
         "command": "python bench/attacks.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "complete": complete,
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg(),
         "torch_threads": 1,
@@ -207,7 +220,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(table(result))
     return result
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
 import torch
 
 from skyfed.compression.chain import Chain
