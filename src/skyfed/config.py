@@ -110,6 +110,9 @@ class ClientSpec(Section):
 class StrategyConfig(Section):
     name: str = "fedavg"
     params: dict[str, Any] = {}
+    # scale each update's delta down to global L2 norm <= norm_bound before the strategy
+    # sees it (any strategy; federation/strategies/robust/norm_bound.py)
+    norm_bound: float | None = Field(None, gt=0)
 
 
 class FederationConfig(Section):
@@ -218,6 +221,31 @@ class SecurityConfig(Section):
     secagg: SecAggConfig = SecAggConfig()
 
 
+ATTACK_KINDS = ("sign_flip", "scale", "noise", "alie", "junk_data")
+# What `factor` means when it is not given (docs/security.md): sign_flip sends -k * delta,
+# scale k * delta, noise Gaussian noise of k times the update's norm, alie z (None: from
+# n and f as in Baruch et al. 2019); junk_data does not use it.
+ATTACK_DEFAULT_FACTOR = {"sign_flip": 4.0, "scale": 100.0, "noise": 10.0, "alie": None, "junk_data": None}
+
+
+class AttackConfig(Section):
+    """SIMULATION ONLY: make the chosen clients misbehave, to evaluate defences
+    (skyfed.runtime.attack, docs/security.md). `skyfed server` and `skyfed client` refuse a
+    config whose attack section names any client."""
+
+    clients: list[str] = []
+    kind: Literal["sign_flip", "scale", "noise", "alie", "junk_data"] = "sign_flip"
+    factor: float | None = Field(None, gt=0)
+    seed: int | None = None  # noise and junk data; defaults to the experiment seed
+
+    @property
+    def active(self) -> bool:
+        return bool(self.clients)
+
+    def resolved_factor(self) -> float | None:
+        return self.factor if self.factor is not None else ATTACK_DEFAULT_FACTOR[self.kind]
+
+
 class ExperimentConfig(Section):
     name: str = "default"
     seed: int = 0
@@ -240,6 +268,7 @@ class ExperimentConfig(Section):
     logging: list[Literal["tensorboard", "mlflow"]] = []
     tracking: TrackingConfig = TrackingConfig()
     security: SecurityConfig = SecurityConfig()
+    attack: AttackConfig = AttackConfig()  # simulation only
 
     @model_validator(mode="after")
     def _secagg_composes(self) -> "ExperimentConfig":
@@ -251,6 +280,26 @@ class ExperimentConfig(Section):
             except SkyfedError as exc:
                 raise ValueError(str(exc)) from None
         return self
+
+    @model_validator(mode="after")
+    def _attack_names_clients(self) -> "ExperimentConfig":
+        names = [c.name for c in self.federation.clients]
+        unknown = [c for c in self.attack.clients if c not in names]
+        if unknown:
+            raise ValueError(f"attack.clients: {unknown} are not in federation.clients {names}")
+        if len(set(self.attack.clients)) != len(self.attack.clients):
+            raise ValueError(f"attack.clients: names must be unique, got {self.attack.clients}")
+        return self
+
+
+def refuse_attack(cfg: ExperimentConfig, command: str) -> None:
+    """ConfigError when `cfg` has an active attack section: attacks exist for evaluation in
+    simulation (`skyfed run`) only, never in a deployment (`skyfed server`, `skyfed client`)."""
+    if cfg.attack.active:
+        raise ConfigError(
+            f"attack: {command} refuses a config that makes clients {cfg.attack.clients} attack "
+            f"({cfg.attack.kind}); attacks are for simulation only (skyfed run): remove the attack section"
+        )
 
 
 # ---------------------------------------------------------------- presets

@@ -118,18 +118,18 @@ def prepare(
 def _strategy(cfg: ExperimentConfig, data: PreparedData, device: torch.device):
     strat = cfg.federation.strategy
     if not needs_server_eval(strat.name, strat.params):
-        return build_strategy(strat.name, strat.params)
+        return build_strategy(strat.name, strat.params, norm_bound=strat.norm_bound)
     from skyfed.runtime.server_eval import make_params_evaluator
 
     evaluate_params = make_params_evaluator(cfg, data.valid.tokens, new_model(cfg, data.tokenizer), device)
-    return build_strategy(strat.name, strat.params, evaluate_params=evaluate_params)
+    return build_strategy(strat.name, strat.params, evaluate_params=evaluate_params, norm_bound=strat.norm_bound)
 
 
 def check_config(cfg: ExperimentConfig, simulated: bool = True) -> None:
     """Errors a config can have that the schema does not see, before any work (the cloud
     profiles only matter where the clouds are simulated)."""
     strat = cfg.federation.strategy
-    build_strategy(strat.name, strat.params, evaluate_params=lambda params: 0.0)
+    build_strategy(strat.name, strat.params, evaluate_params=lambda params: 0.0, norm_bound=strat.norm_bound)
     if simulated and cfg.clouds.simulate:
         from skyfed.clouds import network_from_config
 

@@ -19,6 +19,7 @@ from skyfed.config import ExperimentConfig
 from skyfed.federation.engine import EventSink
 from skyfed.metrics import RunDir
 from skyfed.runtime.assemble import assemble, finish
+from skyfed.runtime.attack import apply_junk_data, wrap_with_attack  # [robust]
 from skyfed.runtime.inprocess import ParallelTransport, SimulatedTransport
 from skyfed.runtime.setup import PreparedData, make_client
 
@@ -29,6 +30,7 @@ def simulated_transport(cfg: ExperimentConfig, data: PreparedData, device: torch
     """The clients, as objects here (`workers` 1) or in worker processes, on the
     simulated clouds (`clouds.simulate`)."""
     network = network_from_config(cfg, 0) if cfg.clouds.simulate else None
+    apply_junk_data(cfg, data)  # [robust] attack: junk_data, before the clients are built (simulation only)
 
     def on_step(name: str, step: int, steps: int, loss: float) -> None:
         emit("local_step", {"client": name, "step": step, "steps": steps, "loss": loss})
@@ -40,13 +42,14 @@ def simulated_transport(cfg: ExperimentConfig, data: PreparedData, device: torch
         inits = [ClientInit(s.name, i, data.client_tokens[s.name]) for i, s in enumerate(specs)]
         emit("status", {"message": f"starting {min(cfg.workers, len(specs))} client worker processes"})
         pool = WorkerPool(cfg, inits, data.tokenizer, cfg.workers)
-        return ParallelTransport(pool, [s.name for s in specs], network, on_step)
+        # [robust] attack: update-level attacks wrap the transport (simulation only)
+        return wrap_with_attack(cfg, ParallelTransport(pool, [s.name for s in specs], network, on_step), data.tokenizer)
     clients = []
     for i, spec in enumerate(specs):
         client = make_client(cfg, spec.name, i, data.client_tokens[spec.name], data.tokenizer, device)
         client.on_step = on_step
         clients.append(client)
-    return SimulatedTransport(clients, network)
+    return wrap_with_attack(cfg, SimulatedTransport(clients, network), data.tokenizer)  # [robust] attack
 
 
 def run_simulation(

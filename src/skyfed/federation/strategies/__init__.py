@@ -24,11 +24,17 @@ from skyfed.federation.strategies.fedbuff import FedBuff
 from skyfed.federation.strategies.fedopt import DiLoCo, FedAdagrad, FedAdam, FedAvgM, FedOpt, FedSGD, FedYogi
 from skyfed.federation.strategies.fedprox import FedProx
 from skyfed.federation.strategies.params import PREFIX
+from skyfed.federation.strategies.robust.centered_clip import CenteredClip
+from skyfed.federation.strategies.robust.krum import Krum, MultiKrum
+from skyfed.federation.strategies.robust.loss_filter import LossFilter
+from skyfed.federation.strategies.robust.median import Median, TrimmedMean
+from skyfed.federation.strategies.robust.norm_bound import with_norm_bound
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
     for cls in [
-        FedAvg, DynamicWeighted, FedOpt, DiLoCo, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedSGD, FedProx, FedAsync, FedBuff
+        FedAvg, DynamicWeighted, FedOpt, DiLoCo, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedSGD, FedProx, FedAsync, FedBuff,
+        Median, TrimmedMean, Krum, MultiKrum, CenteredClip, LossFilter,
     ]
 }
 
@@ -47,8 +53,10 @@ def build_strategy(
     name: str,
     params: dict[str, Any] | None = None,
     evaluate_params: Callable[[Params], float] | None = None,
+    norm_bound: float | None = None,
 ) -> Strategy:
-    """The strategy `name` built from its YAML params (validated: a bad one names its key)."""
+    """The strategy `name` built from its YAML params (validated: a bad one names its key),
+    wrapped in norm bounding when `norm_bound` (`federation.strategy.norm_bound`) is set."""
     if name not in STRATEGIES:
         raise ConfigError(f"federation.strategy.name: unknown strategy {name!r}; available: {', '.join(sorted(STRATEGIES))}")
     cls = STRATEGIES[name]
@@ -61,11 +69,13 @@ def build_strategy(
             )
     if "evaluate_params" in inspect.signature(cls.__init__).parameters:
         params["evaluate_params"] = evaluate_params
-    return cls(**params)
+    return with_norm_bound(cls(**params), norm_bound)
 
 
 def needs_server_eval(name: str, params: dict[str, Any] | None) -> bool:
     """Whether this configuration scores client models on the server's validation set."""
+    if name == LossFilter.name:
+        return True
     return name == DynamicWeighted.name and (params or {}).get("score") == "server"
 
 

@@ -13,14 +13,21 @@ or, without keeping old versions, the delta applied to the current model:
 
 The two agree when staleness = 0. s is constant, polynomial (tau + 1)^-a or hinge
 (1 if tau <= b else 1 / (a (tau - b) + 1)). Every update publishes a new version.
+
+Security (docs/security.md): `max_staleness` drops updates more than that many versions
+old; `max_client_share` caps each client's accepted share of the last `share_window`
+arrivals (share_cap.py).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from skyfed.federation.messages import Update
 from skyfed.federation.strategies.aggregate import apply_delta, mix, staleness_weight
 from skyfed.federation.strategies.base import AggregateResult, AsyncStrategy, Params
 from skyfed.federation.strategies.params import choice, integer, number
+from skyfed.federation.strategies.share_cap import ShareCap
 
 STALENESS_FNS = ("constant", "polynomial", "hinge")
 
@@ -40,6 +47,8 @@ class FedAsync(AsyncStrategy):
         b: int = 4,
         max_staleness: int | None = None,
         mix: str = "model",
+        max_client_share: float | None = None,
+        share_window: int = 10,
     ):
         self.alpha = number("alpha", alpha, 0.0, 1.0, lo_open=True)
         self.staleness_fn = choice("staleness", staleness, STALENESS_FNS)
@@ -48,8 +57,11 @@ class FedAsync(AsyncStrategy):
         self.max_staleness = integer("max_staleness", max_staleness, 0, optional=True)
         self.mix = choice("mix", mix, ["model", "delta"])
         self.needs_base_params = self.mix == "model"
+        self.share = ShareCap(max_client_share, share_window)
 
-    def on_update(self, global_params: Params, update: Update, base_params: Params | None) -> AggregateResult:
+    def on_update(self, global_params: Params, update: Update, base_params: Params | None) -> AggregateResult | None:
+        if not self.share.admit(update.client):
+            return None
         s = staleness_weight(update.staleness, self.staleness_fn, self.a, self.b)
         alpha_t = self.alpha * s
         if self.mix == "model":
@@ -58,4 +70,10 @@ class FedAsync(AsyncStrategy):
             new = mix(global_params, apply_delta(base_params, update.delta), alpha_t)
         else:
             new = apply_delta(global_params, update.delta, alpha_t)
-        return AggregateResult(new, {"alpha": {update.client: alpha_t}})
+        return AggregateResult(new, {"alpha": {update.client: alpha_t}, **self.share.report()})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"share": self.share.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.share.load_state_dict(state.get("share", {}))

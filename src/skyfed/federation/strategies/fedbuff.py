@@ -12,6 +12,10 @@ weight (the paper's default 1/sqrt(1 + tau) is polynomial with a = 0.5). With K 
 to the number of clients, no staleness and server_lr = 1 this is exactly FedAvg.
 Because s <= 1 is not renormalized away, stale updates really move the model less.
 The buffer is part of `state_dict()`; `flush` applies a partial buffer at the end.
+
+Security (docs/security.md): `max_staleness` drops updates more than that many versions
+old; `max_client_share` caps each client's accepted share of the last `share_window`
+arrivals (share_cap.py).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from skyfed.federation.strategies.aggregate import apply_delta, staleness_weight
 from skyfed.federation.strategies.base import AggregateResult, AsyncStrategy, Params
 from skyfed.federation.strategies.fedasync import STALENESS_FNS
 from skyfed.federation.strategies.params import choice, flag, integer, number
+from skyfed.federation.strategies.share_cap import ShareCap
 
 
 class FedBuff(AsyncStrategy):
@@ -41,6 +46,8 @@ class FedBuff(AsyncStrategy):
         b: int = 4,
         max_staleness: int | None = None,
         use_tokens: bool = True,
+        max_client_share: float | None = None,
+        share_window: int = 10,
     ):
         self.buffer_size = integer("buffer_size", buffer_size, 1)
         self.server_lr = number("server_lr", server_lr, 0.0, lo_open=True)
@@ -49,9 +56,12 @@ class FedBuff(AsyncStrategy):
         self.b = integer("b", b, 0)
         self.max_staleness = integer("max_staleness", max_staleness, 0, optional=True)
         self.use_tokens = flag("use_tokens", use_tokens)
+        self.share = ShareCap(max_client_share, share_window)
         self.buffer: list[dict[str, Any]] = []  # {"client", "delta", "n", "staleness"}
 
     def on_update(self, global_params: Params, update: Update, base_params: Params | None) -> AggregateResult | None:
+        if not self.share.admit(update.client):
+            return None
         self.buffer.append({
             "client": update.client,
             "delta": {k: v.detach().clone() for k, v in update.delta.items()},
@@ -70,12 +80,16 @@ class FedBuff(AsyncStrategy):
         weights: dict[str, float] = {}
         for e, w in zip(self.buffer, scale):
             weights[e["client"]] = weights.get(e["client"], 0.0) + w
-        metrics = {"weights": weights, "buffer_staleness": [e["staleness"] for e in self.buffer]}
+        metrics = {"weights": weights, "buffer_staleness": [e["staleness"] for e in self.buffer], **self.share.report()}
         self.buffer = []
         return AggregateResult(apply_delta(global_params, step, self.server_lr), metrics)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"buffer": [{**e, "delta": {k: v.clone() for k, v in e["delta"].items()}} for e in self.buffer]}
+        return {
+            "buffer": [{**e, "delta": {k: v.clone() for k, v in e["delta"].items()}} for e in self.buffer],
+            "share": self.share.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.buffer = [{**e, "delta": {k: v.clone() for k, v in e["delta"].items()}} for e in state.get("buffer", [])]
+        self.share.load_state_dict(state.get("share", {}))

@@ -31,7 +31,7 @@ from google.protobuf.message import DecodeError
 import yaml
 from pydantic import ValidationError
 
-from skyfed.config import ExperimentConfig
+from skyfed.config import ExperimentConfig, refuse_attack
 from skyfed.compression import strictjson
 from skyfed.errors import AuthError, ConfigError, DataError, SkyfedError, WireFormatError
 from skyfed.federation.messages import ClientResult, TrainTask
@@ -241,9 +241,11 @@ class FederationSession:
 
 def _config_from(reply: pb.RegisterReply) -> ExperimentConfig:
     try:
-        return ExperimentConfig.model_validate(yaml.safe_load(reply.config_yaml))
+        cfg = ExperimentConfig.model_validate(yaml.safe_load(reply.config_yaml))
     except (yaml.YAMLError, ValidationError) as exc:
         raise ConfigError(f"the server sent a config this client cannot read (version mismatch?): {exc}") from None
+    refuse_attack(cfg, "skyfed client")  # attacks are for simulation only
+    return cfg
 
 
 def _save_tokenizer(files: dict[str, bytes], cache: Path) -> Path:
