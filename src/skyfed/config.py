@@ -164,6 +164,42 @@ class CompressionConfig(Section):
             raise ValueError(str(exc)) from None
 
 
+class DocumentDPConfig(Section):
+    """DP-SGD inside each cloud (opacus): the unit of privacy is one training window of
+    `train.seq_len + 1` tokens (docs/security.md)."""
+
+    noise_multiplier: float = Field(gt=0)  # sigma of the per-step Gaussian noise, times max_grad_norm
+    max_grad_norm: float = Field(1.0, gt=0)  # per-window L2 bound of the gradient
+    delta: float | None = Field(None, gt=0, lt=1)  # defaults to security.dp.delta
+    grad_sample_mode: Literal["hooks", "functorch"] = "hooks"  # opacus' per-sample gradient engine
+
+
+class DPConfig(Section):
+    """Differential privacy (docs/security.md). Client-level DP-FedAvg (McMahan et al. 2018)
+    is on when `clip` and `noise_multiplier` are set; document-level DP-SGD when `document` is."""
+
+    clip: float | None = Field(None, gt=0)  # C: L2 bound of each client's update
+    noise_multiplier: float | None = Field(None, gt=0)  # sigma: noise std on the sum is sigma * C
+    delta: float = Field(1e-5, gt=0, lt=1)
+    noise: Literal["server", "distributed"] = "server"  # who adds the noise to the sum
+    accountant: Literal["rdp", "pld"] = "rdp"  # dp-accounting's RDP or PLD accountant
+    document: DocumentDPConfig | None = None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> "DPConfig":
+        if (self.clip is None) != (self.noise_multiplier is None):
+            raise ValueError("clip and noise_multiplier go together: set both for client-level DP, or neither")
+        return self
+
+    @property
+    def client_level(self) -> bool:
+        return self.clip is not None
+
+
+class SecurityConfig(Section):
+    dp: DPConfig = DPConfig()
+
+
 class ExperimentConfig(Section):
     name: str = "default"
     seed: int = 0
@@ -181,6 +217,18 @@ class ExperimentConfig(Section):
     federation: FederationConfig = FederationConfig()
     clouds: CloudsConfig = CloudsConfig()
     compression: CompressionConfig = CompressionConfig()
+    security: SecurityConfig = SecurityConfig()
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> "ExperimentConfig":
+        if self.security.dp.client_level or self.security.dp.document is not None:
+            from skyfed.security.privacy import check_privacy
+
+            try:
+                check_privacy(self)
+            except SkyfedError as exc:
+                raise ValueError(str(exc)) from None
+        return self
 
 
 # ---------------------------------------------------------------- presets

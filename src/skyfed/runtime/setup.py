@@ -20,6 +20,7 @@ from skyfed.data.shards import TokenShard, tokenize_documents
 from skyfed.data.tokenizer import get_tokenizer
 from skyfed.errors import DataError
 from skyfed.federation.client import FederatedClient
+from skyfed.security.client import client_privacy  # skyfed.security hook
 from skyfed.model import build_model, federated_parameter_names, resolve_device
 from skyfed.train import EvalResult, LocalTrainer, evaluate, unigram_perplexity
 
@@ -107,6 +108,7 @@ def make_client(
     return FederatedClient(
         name, tokens, trainer, federated_parameter_names(model), seed=cfg.seed * 1000 + index,
         max_payload_bytes=cfg.federation.max_update_bytes, compression=cfg.compression,
+        privacy=client_privacy(cfg),  # skyfed.security hook: DP clipping, noise share, DP-SGD
     )
 
 

@@ -21,6 +21,7 @@ from skyfed.runtime.finish import build_summary, save_hf_model
 from skyfed.clouds import network_from_config
 from skyfed.runtime.cloud_metrics import CloudAccounting
 from skyfed.runtime.inprocess import ParallelTransport, SimulatedTransport
+from skyfed.security.privacy import apply_privacy, privacy_summary  # skyfed.security hook
 from skyfed.runtime.setup import apply_threads, device_for, make_client, make_evaluator, new_model, prepare_data
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,10 @@ def _train(cfg, run, data, device, strategy, network, transport, emit, started) 
         strategy = build_strategy(strat.name, strat.params, evaluate_params=evaluator_fn)
     if network is not None:
         network.num_params = num_parameters(model)
+    privacy: list = []  # skyfed.security hook: DP wrapper and the epsilon accountant
+    strategy = apply_privacy(cfg, strategy, privacy)
     engine = Engine(cfg, transport, model, federated_parameter_names(model), strategy, evaluator, run, emit)
+    engine.observers.extend(privacy)  # skyfed.security hook
     accounting = CloudAccounting(transport, network, cfg.clouds.aggregation_s) if network is not None else None
     if accounting is not None:
         engine.observers.append(accounting)
@@ -108,6 +112,7 @@ def _train(cfg, run, data, device, strategy, network, transport, emit, started) 
         "device": str(device),
         "workers": cfg.workers,
         **(accounting.summary() if accounting is not None else {}),
+        **privacy_summary(privacy),  # skyfed.security hook: epsilon
     })
     run.write_summary(summary)
     return run, summary

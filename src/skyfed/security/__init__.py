@@ -1,0 +1,1 @@
+"""Privacy layers: differential privacy (client-level DP-FedAvg and document-level DP-SGD)."""
