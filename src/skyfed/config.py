@@ -295,6 +295,10 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     got = first.get("input")
     detail = "" if isinstance(got, (dict, list)) or first["type"] == "extra_forbidden" else f" (got {got!r})"
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    if first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+        if not first["loc"]:  # a whole-experiment check names its own keys
+            return f"{source}: {msg}{more}"
     return f"{source}: {where}: {msg}{detail}{more}"
 
 

@@ -35,6 +35,7 @@ from skyfed.runtime.grpc.auth import load_tokens
 from skyfed.runtime.grpc.security import server_credentials, server_options
 from skyfed.runtime.grpc.servicer import FederationServicer
 from skyfed.runtime.grpc.transport import GrpcTransport
+from skyfed.security.privacy import apply_privacy, privacy_summary  # skyfed.security hook
 from skyfed.runtime.setup import apply_threads, device_for, make_evaluator, new_model, prepare_data
 from skyfed.runtime.simulation import default_run_dir
 
@@ -135,9 +136,14 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
         model = new_model(cfg, data.tokenizer).to(device)
         evaluator = make_evaluator(cfg, data.valid.tokens, device)
         strategy = build_strategy(cfg.federation.strategy.name, cfg.federation.strategy.params)
+        privacy: list = []  # skyfed.security hook: DP wrapper and the epsilon accountant
+        strategy = apply_privacy(cfg, strategy, privacy)
         engine = ServerEngine(cfg, transport, model, federated_parameter_names(model), strategy, evaluator, run, emit)
+        engine.observers.extend(privacy)  # skyfed.security hook
         if resume:
             engine.resume()
+            for obs in privacy:  # skyfed.security hook: the privacy ledgers continue
+                obs.resume_from((run.read_metrics() or [{}])[-1])
         log.info("waiting for clients %s", names)
         ready = transport.wait_for_clients(cfg.federation.min_clients, opts.join_timeout_s)
         log.info("clients ready: %s; starting at round %d", ready, engine.next_round)
@@ -156,6 +162,7 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
             "device": str(device),
             "tls": creds is not None,
             "mutual_tls": opts.client_ca is not None,
+            **privacy_summary(privacy),  # skyfed.security hook: epsilon
         })
         run.write_summary(summary)
         pending = transport.wait_told_done(opts.done_grace_s)
