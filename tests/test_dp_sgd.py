@@ -9,7 +9,14 @@ import torch
 from skyfed.config import DocumentDPConfig, TrainConfig
 from skyfed.model import build_model, get_params
 from skyfed.security.accounting import dpsgd_epsilon
-from skyfed.security.dpsgd import DPSGDTrainer, disjoint_windows, max_windows_per_document, window_loss
+from skyfed.security.dpsgd import (
+    DPSGDTrainer,
+    disjoint_windows,
+    document_spans,
+    document_windows,
+    max_windows_per_document,
+    window_loss,
+)
 from skyfed.train import LocalTrainer
 
 VOCAB = 300
@@ -104,3 +111,39 @@ def test_an_empty_poisson_sample_is_a_noise_only_step():
     stats = trainer.train(_tokens(), 1, np.random.default_rng(0))
     assert np.isnan(stats.loss_last)
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_document_spans_and_windows_stay_inside_their_document():
+    tokens = np.array([5, 6, 7, 0, 8, 0, 1, 2, 3, 4, 5, 6, 0, 9])  # docs [0,4) [4,6) [6,13) [13,14)
+    spans = document_spans(tokens, eos_id=0)
+    assert spans.tolist() == [[0, 4], [4, 6], [6, 13]]  # the 1-token tail has no next-token pair
+    rows, lengths = document_windows(tokens, spans, 5, pad_id=0, rng=np.random.default_rng(0))
+    assert lengths.tolist() == [4, 2, 5]
+    assert rows[0].tolist() == [5, 6, 7, 0, 0] and rows[1].tolist() == [8, 0, 0, 0, 0]
+    window = rows[2].tolist()
+    assert any(window == tokens[s : s + 5].tolist() for s in range(6, 9))  # inside [6, 13)
+
+
+def test_padding_does_not_change_a_windows_loss():
+    """A padded window scores its real tokens only, whatever else is in the batch."""
+    model = build_model("gpt2-micro", VOCAB, 0, seed=0)
+    g = torch.Generator().manual_seed(1)
+    real = torch.randint(1, VOCAB, (1, 6), generator=g)
+    padded = torch.cat([real, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    other = torch.randint(1, VOCAB, (1, 10), generator=g)
+    alone = window_loss(model, real)
+    in_batch = window_loss(model, torch.cat([padded, other]), torch.tensor([6, 10]))
+    assert torch.allclose(2 * in_batch - window_loss(model, other), alone, atol=1e-5)
+
+
+def test_document_unit_samples_documents_and_reports_group_size_one():
+    cfg = TrainConfig(local_steps=1, batch_size=4, seq_len=16, lr=1e-2, warmup_steps=0)
+    plain = LocalTrainer(build_model("gpt2-micro", VOCAB, 0, seed=0), cfg, torch.device("cpu"), total_steps=10)
+    trainer = DPSGDTrainer(plain, DocumentDPConfig(noise_multiplier=1.0, unit="document"), delta=1e-5)
+    tokens = _tokens()  # a document ends every 100 tokens: 17 documents (the first is the lone EOS, dropped)
+    trainer.train(tokens, 2, np.random.default_rng(0))
+    report = trainer.report()
+    docs = len(document_spans(tokens, 0))
+    assert report["unit"] == "document" and report["documents"] == docs
+    assert report["sample_rate"] == 4 / docs and report["max_windows_per_document"] == 1
+    assert report["epsilon_local"] == dpsgd_epsilon(4 / docs, 1.0, 2, 1e-5)

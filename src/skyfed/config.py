@@ -166,12 +166,16 @@ class CompressionConfig(Section):
 
 class DocumentDPConfig(Section):
     """DP-SGD inside each cloud (opacus): the unit of privacy is one training window of
-    `train.seq_len + 1` tokens (docs/security.md)."""
+    `train.seq_len + 1` tokens, or one document with `unit: document` (docs/security.md)."""
 
     noise_multiplier: float = Field(gt=0)  # sigma of the per-step Gaussian noise, times max_grad_norm
     max_grad_norm: float = Field(1.0, gt=0)  # per-window L2 bound of the gradient
     delta: float | None = Field(None, gt=0, lt=1)  # defaults to security.dp.delta
     grad_sample_mode: Literal["hooks", "functorch"] = "hooks"  # opacus' per-sample gradient engine
+    # window: a sample is one disjoint window of seq_len + 1 tokens (a document of k windows
+    # gets group privacy k); document: a sample is one document (ended by EOS), which
+    # contributes one random window of itself when sampled
+    unit: Literal["window", "document"] = "window"
 
 
 class DPConfig(Section):

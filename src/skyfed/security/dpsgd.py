@@ -7,11 +7,17 @@ probability q = batch_size / windows), computes one gradient per window (opacus'
 max_grad_norm^2) to their sum and divides by the expected batch size (opacus'
 `DPOptimizer`), then takes the AdamW step. The unit of privacy is one window.
 
-Windows: the client's tokens cut into DISJOINT windows of `seq_len + 1` tokens (every
-token in exactly one window; the plain trainer's overlapping random windows would put
-each token in up to seq_len + 1 samples). A document of L tokens touches at most
+Unit `window`: the client's tokens cut into DISJOINT windows of `seq_len + 1` tokens
+(every token in exactly one window; the plain trainer's overlapping random windows would
+put each token in up to seq_len + 1 samples). A document of L tokens touches at most
 ceil(L / (seq_len + 1)) + 1 windows, so its guarantee is group privacy over that many
 windows; `max_windows_per_document` reports the largest such count in the shard.
+
+Unit `document`: the samples are the documents (each ends with EOS). A step takes each
+document with probability q = batch_size / documents, and a sampled document
+contributes ONE window drawn uniformly inside it (a document shorter than a window is
+padded, its padding ignored by the loss), clipped like any sample: adding or removing a
+document changes the step's sum by at most max_grad_norm, so epsilon is per document.
 
 The sampling and the noise use generators seeded by the operating system, not the
 experiment seed: amplification by sampling needs the sample to be secret.
@@ -62,14 +68,46 @@ def max_windows_per_document(tokens: np.ndarray, seq_len: int, eos_id: int | Non
     return int((ends // width - starts // width + 1).max())
 
 
-def window_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a batch of windows. Position ids are passed with
-    the batch dimension: opacus needs every input of a layer to carry it (GPT-2's
-    position embedding otherwise sees a batch of one)."""
+def document_spans(tokens: np.ndarray, eos_id: int | None) -> np.ndarray:
+    """(documents, 2) array of [start, end) of each document (ended by `eos_id`, or by the
+    end of the shard)."""
+    n = len(tokens)
+    ends = np.flatnonzero(np.asarray(tokens) == eos_id) + 1 if eos_id is not None else np.zeros(0, dtype=np.int64)
+    if len(ends) == 0 or ends[-1] != n:
+        ends = np.append(ends, n)
+    starts = np.concatenate([[0], ends[:-1]])
+    keep = ends - starts >= 2  # at least one next-token pair
+    return np.stack([starts[keep], ends[keep]], axis=1)
+
+
+def document_windows(
+    tokens: np.ndarray, spans: np.ndarray, width: int, pad_id: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One window of `width` tokens drawn uniformly inside each span (padded with `pad_id`
+    when the document is shorter), and each window's number of real tokens."""
+    out = np.full((len(spans), width), pad_id, dtype=np.int64)
+    lengths = np.minimum(spans[:, 1] - spans[:, 0], width)
+    room = spans[:, 1] - spans[:, 0] - lengths  # how far the window may start into the document
+    starts = spans[:, 0] + (rng.random(len(spans)) * (room + 1)).astype(np.int64)
+    for i, (s, k) in enumerate(zip(starts, lengths)):
+        out[i, :k] = tokens[s : s + k]
+    return out, lengths
+
+
+def window_loss(model: torch.nn.Module, batch: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean over windows of each window's mean next-token cross-entropy (a window of
+    `lengths[i]` real tokens scores its first lengths[i] - 1 predictions only), so each
+    window's gradient depends on that window alone. Position ids are passed with the
+    batch dimension: opacus needs every input of a layer to carry it (GPT-2's position
+    embedding otherwise sees a batch of one)."""
     inputs = batch[:, :-1]
     positions = torch.arange(inputs.size(1), device=inputs.device).expand_as(inputs)
     logits = model(input_ids=inputs, position_ids=positions).logits
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), batch[:, 1:].reshape(-1))
+    per_token = F.cross_entropy(logits.transpose(1, 2).float(), batch[:, 1:], reduction="none")
+    if lengths is None:
+        return per_token.mean()
+    mask = (torch.arange(per_token.size(1), device=per_token.device)[None, :] < (lengths[:, None] - 1)).float()
+    return ((per_token * mask).sum(1) / mask.sum(1)).mean()
 
 
 class DPSGDTrainer(LocalTrainer):
@@ -88,7 +126,7 @@ class DPSGDTrainer(LocalTrainer):
         self.gsm = prepare_module(self.model, dp.grad_sample_mode, batch_first=True, loss_reduction="mean")
         self.ledger = StepLedger()
         self.sample_rate = 0.0
-        self.num_windows = 0
+        self.num_samples = 0
         self.group_size = 0
         self.last_steps = 0  # DP-SGD steps behind the latest update
 
@@ -120,11 +158,20 @@ class DPSGDTrainer(LocalTrainer):
             raise ValueError("DP-SGD draws its own Poisson samples of windows")
         if self.cfg.optimizer_state == "reset":
             self.optimizer = self._new_optimizer()
-        windows = disjoint_windows(tokens, self.cfg.seq_len)
-        n = len(windows)
+        eos = getattr(self.model.config, "eos_token_id", None)
+        by_document = self.dp.unit == "document"
+        if by_document:
+            spans = document_spans(tokens, eos)
+            n = len(spans)
+            self.group_size = 1
+        else:
+            windows = disjoint_windows(tokens, self.cfg.seq_len)
+            n = len(windows)
+            self.group_size = max_windows_per_document(tokens, self.cfg.seq_len, eos)
+        if n < 1:
+            raise ValueError("no document of two tokens or more in the shard")
         q = min(1.0, self.cfg.batch_size / n)
-        self.sample_rate, self.num_windows = q, n
-        self.group_size = max_windows_per_document(tokens, self.cfg.seq_len, getattr(self.model.config, "eos_token_id", None))
+        self.sample_rate, self.num_samples = q, n
         params = [p for p in self.model.parameters() if p.requires_grad]
         anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
         self.gsm.train()
@@ -137,8 +184,14 @@ class DPSGDTrainer(LocalTrainer):
             picked = np.flatnonzero(self.sampler.random(n) < q)
             self.optimizer.zero_grad(set_to_none=True)
             if len(picked):
-                batch = torch.from_numpy(np.asarray(windows[picked], dtype=np.int64)).to(self.device)
-                loss = window_loss(self.gsm, batch)
+                lengths = None
+                if by_document:
+                    rows, lengths = document_windows(tokens, spans[picked], self.cfg.seq_len + 1, eos or 0, self.sampler)
+                    lengths = torch.from_numpy(lengths).to(self.device)
+                else:
+                    rows = windows[picked]
+                batch = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
+                loss = window_loss(self.gsm, batch, lengths)
                 with warnings.catch_warnings():  # token ids need no gradient; opacus' hooks say so every step
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")
                     loss.backward()
@@ -178,7 +231,8 @@ class DPSGDTrainer(LocalTrainer):
             "sample_rate": self.sample_rate,
             "noise_multiplier": self.dp.noise_multiplier,
             "max_grad_norm": self.dp.max_grad_norm,
-            "windows": self.num_windows,
+            "unit": self.dp.unit,
+            "windows" if self.dp.unit == "window" else "documents": self.num_samples,
             "max_windows_per_document": self.group_size,
             "accountant": self.accountant,
         }
