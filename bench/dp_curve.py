@@ -1,11 +1,13 @@
 """Validation perplexity against epsilon: the default experiment with and without DP.
 
     nice -n 10 env PYTHONPATH=src python bench/dp_curve.py --preset default \
-        --settings none,doc:0.5,doc:1.0,doc:2.0,client:0.01,client:1.0
+        --settings none,doc:0.5,doc:1.0,docu:1.0,client:1.0
     PYTHONPATH=src python bench/dp_curve.py --preset smoke --out /tmp/dp_curve.json   # seconds
+    python bench/dp_curve.py --plot-only bench/results/dp_curve.json bench/results/dp_curve_document.json
 
 Each setting is `none` (no DP), `doc:SIGMA` (document-level DP-SGD inside each cloud,
-opacus, per-window clip `--doc-clip`) or `client:SIGMA` (client-level DP-FedAvg with
+opacus, a window as the unit, per-sample clip `--doc-clip`), `docu:SIGMA` (the same
+with a whole document as the unit) or `client:SIGMA` (client-level DP-FedAvg with
 server noise, update clip `--client-clip`). Every run has the same data, model, seed,
 rounds and local steps. The JSON holds per run the final validation perplexity (whole
 split), the perplexity by round, epsilon at delta (client-level: the cohort's;
@@ -37,8 +39,10 @@ def setting_overrides(setting: str, args) -> list[str]:
     if setting == "none":
         return []
     kind, sigma = setting.split(":")
-    if kind == "doc":
-        return [f"security.dp.document.noise_multiplier={sigma}", f"security.dp.document.max_grad_norm={args.doc_clip}"]
+    if kind in ("doc", "docu"):
+        unit = "window" if kind == "doc" else "document"
+        return [f"security.dp.document.noise_multiplier={sigma}", f"security.dp.document.max_grad_norm={args.doc_clip}",
+                f"security.dp.document.unit={unit}"]
     if kind == "client":
         return [f"security.dp.clip={args.client_clip}", f"security.dp.noise_multiplier={sigma}"]
     raise SystemExit(f"unknown setting {setting!r}: none, doc:SIGMA or client:SIGMA")
@@ -63,6 +67,7 @@ def run_one(setting: str, args, out: Path) -> dict[str, Any]:
         "epsilon_document": {c: d["epsilon"] for c, d in privacy.get("document", {}).items()} or None,
         "document_sample_rate": {c: d["sample_rate"] for c, d in privacy.get("document", {}).items()} or None,
         "max_windows_per_document": {c: d["max_windows_per_document"] for c, d in privacy.get("document", {}).items()} or None,
+        "document_samples": {c: d.get("windows", d.get("documents")) for c, d in privacy.get("document", {}).items()} or None,
         "val_ppl": summary["final"]["val_ppl"],
         "val_token_acc": summary["final"]["val_token_acc"],
         "ppl_by_round": [r["val_ppl"] for r in rows],
@@ -72,15 +77,19 @@ def run_one(setting: str, args, out: Path) -> dict[str, Any]:
     }
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
+def plot(reports: list[dict[str, Any]], path: Path) -> None:
+    """epsilon (log) against final validation perplexity, one line per kind of DP."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = report["runs"]
+    report = reports[0]
+    runs = [r for rep in reports for r in rep["runs"]]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for kind, label, marker in (("doc", "document-level DP-SGD (per window)", "o"), ("client", "client-level DP-FedAvg", "s")):
+    kinds = (("doc:", "DP-SGD, unit: one window", "o"), ("docu:", "DP-SGD, unit: one document", "^"),
+             ("client:", "client-level DP-FedAvg", "s"))
+    for kind, label, marker in kinds:
         pts = sorted((r["epsilon"], r["val_ppl"], r["setting"]) for r in runs if r["setting"].startswith(kind))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
@@ -111,7 +120,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dp_curve.json"))
     ap.add_argument("--png", default=str(ROOT / "docs" / "results" / "dp_curve.png"))
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--plot-only", nargs="+", metavar="JSON", help="only draw --png from these result files")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        plot([json.loads(Path(f).read_text()) for f in args.plot_only], Path(args.png))
+        print(f"wrote {args.png}", file=sys.stderr)
+        return {}
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     args.set = ["threads=1", *args.set]
@@ -150,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)
     if not args.no_plot:
-        plot(report, Path(args.png))
+        plot([report], Path(args.png))
         print(f"wrote {args.png}", file=sys.stderr)
     return report
 
