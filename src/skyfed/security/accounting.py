@@ -13,29 +13,35 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
-
-import dp_accounting
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
+from typing import Any
 
 PLD_DISCRETIZATION = 1e-4  # value_discretization_interval of the PLD accountant
 
 
-def sampled_gaussian(sample_rate: float, noise_multiplier: float) -> dp_accounting.DpEvent:
-    """One step: the Gaussian mechanism, Poisson-subsampled when sample_rate < 1."""
+def sampled_gaussian(sample_rate: float, noise_multiplier: float) -> Any:
+    """One step (a dp_accounting.DpEvent): the Gaussian mechanism, Poisson-subsampled
+    when sample_rate < 1."""
+    import dp_accounting
+
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
     event = dp_accounting.GaussianDpEvent(noise_multiplier)
     return event if sample_rate >= 1 else dp_accounting.PoissonSampledDpEvent(sample_rate, event)
 
 
-def composed(steps: Iterable[tuple[float, float, int]]) -> dp_accounting.DpEvent:
-    """The composition of (sample_rate, noise_multiplier, count) runs of steps."""
+def composed(steps: Iterable[tuple[float, float, int]]) -> Any:
+    """The composition (a dp_accounting.DpEvent) of (sample_rate, noise_multiplier, count) runs of steps."""
+    import dp_accounting
+
     parts = [dp_accounting.SelfComposedDpEvent(sampled_gaussian(q, s), n) for q, s, n in steps if n > 0]
     return dp_accounting.ComposedDpEvent(parts)
 
 
-def make_accountant(kind: str = "rdp") -> dp_accounting.PrivacyAccountant:
+def make_accountant(kind: str = "rdp") -> Any:
+    """A fresh dp_accounting.PrivacyAccountant (imported here: the privacy extra is optional)."""
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     if kind == "rdp":
         return rdp_privacy_accountant.RdpAccountant()
     if kind == "pld":

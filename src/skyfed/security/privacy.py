@@ -17,6 +17,7 @@ their half through `skyfed.security.client.client_privacy(cfg)`. See docs/securi
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Any
 
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 def check_privacy(cfg: ExperimentConfig) -> None:
     """Refuse, with one ConfigError line, DP settings that cannot hold their guarantee."""
     dp = cfg.security.dp
+    for module, needed in (("dp_accounting", True), ("opacus", dp.document is not None)):
+        if needed and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"security.dp needs {module}: pip install 'skyfed[privacy]'")
     name = cfg.federation.strategy.name
     cls = STRATEGIES.get(name)
     if dp.client_level and cls is not None:
