@@ -214,11 +214,48 @@ class SecAggConfig(Section):
         return k
 
 
+class DocumentDPConfig(Section):
+    """DP-SGD inside each cloud (opacus): the unit of privacy is one training window of
+    `train.seq_len + 1` tokens, or one document with `unit: document` (docs/security.md)."""
+
+    noise_multiplier: float = Field(gt=0)  # sigma of the per-step Gaussian noise, times max_grad_norm
+    max_grad_norm: float = Field(1.0, gt=0)  # per-window L2 bound of the gradient
+    delta: float | None = Field(None, gt=0, lt=1)  # defaults to security.dp.delta
+    grad_sample_mode: Literal["hooks", "functorch"] = "hooks"  # opacus' per-sample gradient engine
+    # window: a sample is one disjoint window of seq_len + 1 tokens (a document of k windows
+    # gets group privacy k); document: a sample is one document (ended by EOS), which
+    # contributes one random window of itself when sampled
+    unit: Literal["window", "document"] = "window"
+
+
+class DPConfig(Section):
+    """Differential privacy (docs/security.md). Client-level DP-FedAvg (McMahan et al. 2018)
+    is on when `clip` and `noise_multiplier` are set; document-level DP-SGD when `document` is."""
+
+    clip: float | None = Field(None, gt=0)  # C: L2 bound of each client's update
+    noise_multiplier: float | None = Field(None, gt=0)  # sigma: noise std on the sum is sigma * C
+    delta: float = Field(1e-5, gt=0, lt=1)
+    noise: Literal["server", "distributed"] = "server"  # who adds the noise to the sum
+    accountant: Literal["rdp", "pld"] = "rdp"  # dp-accounting's RDP or PLD accountant
+    document: DocumentDPConfig | None = None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> "DPConfig":
+        if (self.clip is None) != (self.noise_multiplier is None):
+            raise ValueError("clip and noise_multiplier go together: set both for client-level DP, or neither")
+        return self
+
+    @property
+    def client_level(self) -> bool:
+        return self.clip is not None
+
+
 class SecurityConfig(Section):
-    """Privacy layers: secure aggregation (and differential privacy, `dp`)."""
+    """Privacy layers: secure aggregation and differential privacy (docs/security.md)."""
 
     secure_aggregation: bool = False
     secagg: SecAggConfig = SecAggConfig()
+    dp: DPConfig = DPConfig()
 
 
 ATTACK_KINDS = ("sign_flip", "scale", "noise", "alie", "junk_data")
@@ -291,6 +328,17 @@ class ExperimentConfig(Section):
             raise ValueError(f"attack.clients: names must be unique, got {self.attack.clients}")
         return self
 
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> "ExperimentConfig":
+        if self.security.dp.client_level or self.security.dp.document is not None:
+            from skyfed.security.privacy import check_privacy
+
+            try:
+                check_privacy(self)
+            except SkyfedError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
 
 def refuse_attack(cfg: ExperimentConfig, command: str) -> None:
     """ConfigError when `cfg` has an active attack section: attacks exist for evaluation in
@@ -361,15 +409,15 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"]
-    if first["type"] == "value_error":
-        msg = msg.removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     got = first.get("input")
     detail = "" if isinstance(got, (dict, list)) or first["type"] == "extra_forbidden" else f" (got {got!r})"
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
-    if not first["loc"]:  # a check across sections: its message names the keys
-        return f"{source}: {msg}{more}"
+    if first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+        if not first["loc"]:  # a whole-experiment check names its own keys
+            return f"{source}: {msg}{more}"
     return f"{source}: {where}: {msg}{detail}{more}"
 
 

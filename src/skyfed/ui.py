@@ -106,6 +106,10 @@ def print_summary(console: Console, run_dir: Path, summary: dict[str, Any]) -> N
         cost = summary.get("egress_cost_usd", {})
         per_cloud = ", ".join(f"{c} ${v:.4f}" for c, v in cost.items() if c != "total")
         rows.append(("egress cost", f"${cost.get('total', 0.0):.4f}" + (f" ({per_cloud})" if per_cloud else "")))
+    if "epsilon" in summary:  # differential privacy (skyfed.security)
+        privacy = summary.get("privacy", {})
+        level = "client-level" if "client" in privacy else "document-level, largest cloud"
+        rows.append(("epsilon", f"{summary['epsilon']:.3g} at delta {privacy.get('delta', float('nan')):g} ({level})"))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)

@@ -37,17 +37,19 @@ class FederatedClient:
         seed: int,
         max_payload_bytes: int | None = None,
         compression=None,  # skyfed.config.CompressionConfig; None = plain fp32 both ways
+        privacy=None,  # skyfed.security.client.ClientPrivacy; None = no differential privacy
     ):
         self.name = name
         self.tokens = tokens
-        self.trainer = trainer
+        self.privacy = privacy
+        self.trainer = trainer if privacy is None else privacy.wrap_trainer(trainer)  # DP-SGD when document-level DP is on
         self.param_names = param_names
         self.seed = seed
         self.max_payload_bytes = max_payload_bytes
-        self.spec = {n: TensorSpec(tuple(t.shape), torch.float32) for n, t in get_params(trainer.model, param_names).items()}
+        self.spec = {n: TensorSpec(tuple(t.shape), torch.float32) for n, t in get_params(self.trainer.model, param_names).items()}
         self.on_step: StepCallback | None = None
         self.uplink = Uplink.from_config(compression)  # keeps the error-feedback residual
-        self.downlink = DownlinkReceiver(get_params(trainer.model, param_names))  # the model it holds
+        self.downlink = DownlinkReceiver(get_params(self.trainer.model, param_names))  # the model it holds
         # secure aggregation: a skyfed.security.secagg.participant.SecAggParticipant, set by
         # the runtime when security.secure_aggregation is on; None sends codec-encoded updates
         self.secagg = None
@@ -112,6 +114,11 @@ class FederatedClient:
             holdout_loss = evaluate(self.trainer.model, holdout, cfg.seq_len, cfg.batch_size, self.trainer.device).loss
         end = get_params(self.trainer.model, self.param_names)
         delta = {n: params[n] - end[n] for n in self.param_names}  # theta_global - theta_end
+        meta = {}
+        if self.privacy is not None:  # clip (+ noise share) before encoding; no loss leaves the client
+            delta = self.privacy.privatize(delta)
+            meta = self.privacy.report(self.trainer)
+            stats.loss_mean, holdout_loss = float("nan"), None
         if self.secagg is not None and "secagg" in task.options:  # the masked ring vector instead
             payload = self.secagg.masked_payload(task, delta, stats.tokens)
         else:
@@ -128,6 +135,7 @@ class FederatedClient:
             train_loss=stats.loss_mean,
             holdout_loss=holdout_loss,
             compute_s=stats.seconds,
+            meta=meta,
         )
 
     def _gradient_result(self, task: TrainTask, params, tokens: np.ndarray, rng: np.random.Generator) -> ClientResult:
@@ -135,6 +143,8 @@ class FederatedClient:
 
         started = time.perf_counter()
         grads, loss, used = local_gradient(self.trainer, tokens, task.steps, rng, self.param_names)
+        if self.privacy is not None:  # client-level DP clips the gradient it sends
+            grads, loss = self.privacy.privatize(grads), float("nan")
         if self.secagg is not None and "secagg" in task.options:
             payload = self.secagg.masked_payload(task, grads, used)
         else:

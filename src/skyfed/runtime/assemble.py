@@ -60,6 +60,7 @@ class Run(RunContext):
     engine: Engine | None = None
     accounting: Any | None = None  # skyfed.runtime.cloud_metrics.CloudAccounting (simulated clouds)
     trackers: list[Any] = field(default_factory=list)  # TensorBoard / MLflow (skyfed.tracking)
+    privacy: list[Any] = field(default_factory=list)  # skyfed.security.privacy.PrivacyAccountant
 
 
 def default_run_dir(cfg: ExperimentConfig, label: str = "") -> Path:
@@ -115,14 +116,19 @@ def prepare(
     return RunContext(cfg, run, data, device, model, make_evaluator(cfg, data.valid.tokens, device), emit, started)
 
 
-def _strategy(cfg: ExperimentConfig, data: PreparedData, device: torch.device):
-    strat = cfg.federation.strategy
-    if not needs_server_eval(strat.name, strat.params):
-        return build_strategy(strat.name, strat.params, norm_bound=strat.norm_bound)
-    from skyfed.runtime.server_eval import make_params_evaluator
+def _strategy(cfg: ExperimentConfig, data: PreparedData, device: torch.device, privacy: list[Any]):
+    """The configured strategy (with the server's evaluator where it scores candidates),
+    wrapped for differential privacy when `security.dp` asks (its accountant joins `privacy`)."""
+    from skyfed.security.privacy import apply_privacy
 
-    evaluate_params = make_params_evaluator(cfg, data.valid.tokens, new_model(cfg, data.tokenizer), device)
-    return build_strategy(strat.name, strat.params, evaluate_params=evaluate_params, norm_bound=strat.norm_bound)
+    strat = cfg.federation.strategy
+    evaluate_params = None
+    if needs_server_eval(strat.name, strat.params):
+        from skyfed.runtime.server_eval import make_params_evaluator
+
+        evaluate_params = make_params_evaluator(cfg, data.valid.tokens, new_model(cfg, data.tokenizer), device)
+    strategy = build_strategy(strat.name, strat.params, evaluate_params=evaluate_params, norm_bound=strat.norm_bound)
+    return apply_privacy(cfg, strategy, privacy)
 
 
 def check_config(cfg: ExperimentConfig, simulated: bool = True) -> None:
@@ -154,8 +160,11 @@ def assemble(
     try:
         model = new_model(cfg, data.tokenizer).to(device)
         evaluator = make_evaluator(cfg, data.valid.tokens, device)
-        engine = Engine(cfg, link, model, federated_parameter_names(model), _strategy(cfg, data, device), evaluator, run_dir, emit)
-        run = Run(cfg, run_dir, data, device, model, evaluator, emit, started, link, engine)
+        privacy: list[Any] = []  # the privacy accountant, when security.dp is on
+        strategy = _strategy(cfg, data, device, privacy)
+        engine = Engine(cfg, link, model, federated_parameter_names(model), strategy, evaluator, run_dir, emit)
+        run = Run(cfg, run_dir, data, device, model, evaluator, emit, started, link, engine, privacy=privacy)
+        engine.observers.extend(privacy)
         engine.checkpointer.parts.update(link.checkpoint_parts())
         network = getattr(link, "network", None)
         if network is not None:
@@ -171,6 +180,9 @@ def assemble(
         if resume:
             if engine.checkpointer.exists():
                 engine.resume()
+                last = (run_dir.read_metrics() or [{}])[-1]
+                for accountant in privacy:  # the privacy ledgers continue from the last line
+                    accountant.resume_from(last)
             else:
                 log.warning("--resume: no checkpoint in %s yet (stopped in round 0?): starting from round 0", run_dir.path)
                 run_dir.truncate_metrics(-1)
@@ -195,6 +207,9 @@ def finish(ctx: RunContext, extra: dict[str, Any]) -> dict[str, Any]:
         fields = {"mode": "federated", "strategy": ctx.cfg.federation.strategy.name, **fields}
         if ctx.accounting is not None:
             fields.update(ctx.accounting.summary())
+        from skyfed.security.privacy import privacy_summary
+
+        fields.update(privacy_summary(ctx.privacy))
     summary = build_summary(ctx.run_dir, final, ctx.data.unigram_ppl, time.perf_counter() - ctx.started, fields)
     ctx.run_dir.write_summary(summary)
     if isinstance(ctx, Run):

@@ -19,6 +19,7 @@ from skyfed.data.corpus import load_corpus, read_documents
 from skyfed.data.shards import TokenShard, tokenize_documents
 from skyfed.errors import DataError
 from skyfed.federation.client import FederatedClient
+from skyfed.security.client import client_privacy  # skyfed.security hook
 from skyfed.model import build_model, federated_parameter_names, resolve_device
 from skyfed.runtime.pretrained import experiment_tokenizer  # finetune
 from skyfed.train import EvalResult, LocalTrainer, evaluate, unigram_perplexity
@@ -117,6 +118,7 @@ def make_client(
     client = FederatedClient(
         name, tokens, trainer, federated_parameter_names(model), seed=cfg.seed * 1000 + index,
         max_payload_bytes=cfg.federation.max_update_bytes, compression=cfg.compression,
+        privacy=client_privacy(cfg),  # skyfed.security hook: DP clipping, noise share, DP-SGD
     )
     if cfg.security.secure_aggregation:
         from skyfed.security.secagg.participant import SecAggParticipant
