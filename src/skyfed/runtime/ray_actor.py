@@ -84,3 +84,9 @@ class ClientReplica:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def peak_rss_bytes(self) -> int:
+        """This actor process' peak resident memory (Linux reports KiB)."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
