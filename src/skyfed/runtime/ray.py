@@ -7,7 +7,8 @@ Each actor (`skyfed.runtime.ray_actor.ClientReplica`) holds one model replica an
 the logical clients it is sent, one at a time, so memory follows `ray.actors`, not the
 number of clients. Between its rounds a client's state (optimizer moments, residual, the
 model it holds) waits in Ray's object store (an `ObjectRef` held here) or in a file under
-RUN_DIR/client_state/ (`ray.client_state: disk`). Each distinct model payload of a round
+RUN_DIR/client_state/NAME.G.pt (`ray.client_state: disk`; G counts the client's
+tasks, so a checkpoint can name a file that later rounds do not overwrite). Each distinct model payload of a round
 is put in the object store once and every task refers to it; each client's token shard is
 put once, at start.
 
@@ -32,11 +33,11 @@ import torch
 
 from skyfed.clouds import CloudNetwork, network_from_config
 from skyfed.config import ExperimentConfig
-from skyfed.errors import ConfigError, SkyfedError
+from skyfed.errors import CheckpointError, ConfigError, SkyfedError
 from skyfed.federation.engine import EventSink
 from skyfed.federation.messages import ClientResult, TrainTask
 from skyfed.runtime.inprocess import SimulatedTransport
-from skyfed.runtime.ray_actor import ClientReplica, load_state, save_state
+from skyfed.runtime.ray_actor import ClientReplica
 from skyfed.runtime.setup import PreparedData
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class RayTransport(SimulatedTransport):
         self._actors: list[Any] = []
         self._states: dict[str, Any] = {}  # client -> ObjectRef of its state (object store) or None
         self._files: dict[str, str] = {}  # client -> its state file (disk)
+        self._written: set[str] = set()  # state files written and not yet deleted (disk)
+        self._named_before: set[str] = set()  # state files the previous checkpoint names (disk)
+        self._last: dict[str, Any] = {}  # client -> ObjectRef of its latest result (disk: orders its tasks)
         self._pending: deque[tuple[str, TrainTask, float, Any]] = deque()
         self._payloads: dict[int, tuple[bytes, Any]] = {}  # id(payload) -> (payload, ObjectRef)
         self._payload_version: int | None = None
@@ -141,12 +145,15 @@ class RayTransport(SimulatedTransport):
         if self.on_disk:
             if self.state_dir is None:
                 raise SkyfedError("ray.client_state: disk needs the run directory (RayTransport.use_run_dir)")
-            path = str(self.state_dir / f"{client}.pt")
-            state = self._files.get(client)
-            self._files[client] = path
+            old = self._files.get(client)
+            new = f"{client}.{_generation(old) + 1}.pt"  # a new file: the checkpoint may name the old one
+            self._files[client] = new
+            self._written.add(new)
             done, _ = actor.handle.options(num_returns=2).remote(
-                client, self.index[client], self._tokens[client], state, light, self._payload_ref(task), path
+                client, self.index[client], self._tokens[client], None if old is None else str(self.state_dir / old),
+                light, self._payload_ref(task), str(self.state_dir / new), self._last.get(client),
             )
+            self._last[client] = done
         else:
             done, state_ref = actor.handle.options(num_returns=2).remote(
                 client, self.index[client], self._tokens[client], self._states.get(client), light,
@@ -159,6 +166,8 @@ class RayTransport(SimulatedTransport):
         while self._pending:
             client, task, sent_s, done = self._pending.popleft()
             result, steps = self._get(done, f"client {client}")
+            if self._last.get(client) is done:
+                del self._last[client]  # done: nothing to wait for, nothing to keep in the store
             if self.on_step is not None:
                 for step in steps:
                     self.on_step(*step)
@@ -184,11 +193,19 @@ class RayTransport(SimulatedTransport):
     # ------------------------------------------------------------ checkpoint
 
     def state_dict(self) -> dict:
-        """The clock, the results travelling, the bill, and every client's state (fetched
-        from the object store or read from its file): a resumed run continues exactly."""
+        """The clock, the results travelling, the bill, and every client's state: fetched
+        from the object store, or (disk) the names of the state files, which are kept
+        until neither this checkpoint nor the one before names them. A resumed run
+        continues exactly."""
         state = super().state_dict()
         if self.on_disk:
-            state["clients"] = {n: load_state(p) for n, p in self._files.items()}
+            named = dict(self._files)
+            keep = set(named.values()) | self._named_before
+            for stale in self._written - keep:
+                (self.state_dir / stale).unlink(missing_ok=True)
+            self._written &= keep
+            self._named_before = set(named.values())
+            state["client_files"] = named
         else:
             refs = {n: r for n, r in self._states.items() if r is not None}
             values = self._get(list(refs.values()), "fetching client state") if refs else []
@@ -201,12 +218,11 @@ class RayTransport(SimulatedTransport):
         if self.on_disk:
             if self.state_dir is None:
                 raise SkyfedError("ray.client_state: disk needs the run directory before resuming")
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            self._files = {}
-            for name, client_state in clients.items():
-                path = str(self.state_dir / f"{name}.pt")
-                save_state(client_state, path)
-                self._files[name] = path
+            files = dict(state.get("client_files", {}))
+            missing = [f for f in files.values() if not (self.state_dir / f).is_file()]
+            if missing:
+                raise CheckpointError(f"--resume: client state file {self.state_dir / missing[0]} is missing")
+            self._files, self._written, self._named_before = files, set(files.values()), set(files.values())
         else:
             ray = _ray()
             self._states = {name: ray.put(client_state) for name, client_state in clients.items()}
@@ -219,10 +235,15 @@ class RayTransport(SimulatedTransport):
                 for a in self._actors:
                     ray.kill(a)
         finally:
-            self._actors, self._states, self._payloads, self._pending = [], {}, {}, deque()
+            self._actors, self._states, self._last, self._payloads, self._pending = [], {}, {}, {}, deque()
             if self._owns_ray:
                 _ray().shutdown()
                 self._owns_ray = False
+
+
+def _generation(name: str | None) -> int:
+    """How many tasks wrote the state file `NAME.G.pt` (G), 0 for none."""
+    return 0 if name is None else int(name.rsplit(".", 2)[1])
 
 
 def _first_line(exc: BaseException) -> str:

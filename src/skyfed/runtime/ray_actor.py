@@ -61,11 +61,14 @@ class ClientReplica:
         task: TrainTask,
         payload: bytes,
         state_path: str | None = None,
+        after: Any = None,
     ) -> tuple[tuple[ClientResult, list[Step]], dict[str, Any] | None]:
         """Train client `name` (the `index`-th of the config) on `task`, whose model bytes
         come separately as `payload` (shared by every client of a round). `state` is the
         client's state, a file holding it, or None (never trained). Returns ((result, local
-        steps), new state); the new state is None when it was written to `state_path`."""
+        steps), new state); the new state is None when it was written to `state_path`.
+        `after` is the client's previous result (an ObjectRef, so Ray starts this task
+        only once the previous one wrote the state file); its value is not used."""
         client = self.client
         client.name, client.tokens, client.seed = name, tokens, self.cfg.seed * 1000 + index
         if state is None:
