@@ -71,11 +71,11 @@ class ClientReplica:
         only once the previous one wrote the state file); its value is not used."""
         client = self.client
         client.name, client.tokens, client.seed = name, tokens, self.cfg.seed * 1000 + index
-        if state is None:
-            state = self.fresh
-        elif isinstance(state, str):
-            state = load_state(state)
-        client.load_state_dict(copy.deepcopy(state))  # never train in a buffer the object store shares
+        if isinstance(state, str):
+            state = load_state(state)  # fresh tensors, ours to train in
+        else:  # never train in the fresh state's tensors, nor in buffers the object store shares
+            state = copy.deepcopy(self.fresh if state is None else state)
+        client.load_state_dict(state)
         self.steps = []
         result = client.handle(TrainTask(task.round, task.version, payload, task.steps, task.options))
         new_state = client.state_dict()
