@@ -123,3 +123,21 @@ def test_js_divergence_bounds():
 def test_wrong_number_of_shares_is_one_clear_error():
     with pytest.raises(DataError, match="data.partition.shares: 2 shares given for 3 clients"):
         partition_documents("quantity", np.array([5, 7, 9, 4]), 3, 0, shares=[1, 2])
+
+
+def test_more_clients_than_documents_splits_documents_into_windows():
+    from skyfed.runtime.partitioning import split_documents
+
+    lengths = [5000, 40, 30, 2000, 700]  # 5 documents, two shorter than one window of 130
+    tokens = np.arange(sum(lengths), dtype=np.int32)
+    shard = TokenShard(tokens, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    assert split_documents(shard, 5, 130) is shard  # enough documents: unchanged
+    pieces = split_documents(shard, 20, 130)
+    sizes = pieces.doc_lengths()
+    assert pieces.num_docs >= 20 and sizes.min() >= 130 and sizes.sum() == sum(lengths)
+    assert pieces.tokens is tokens and pieces.offsets[-1] == len(tokens)
+    for method in ("natural", "dirichlet", "iid"):
+        topics = np.arange(pieces.num_docs) % 3
+        parts = partition_documents(method, sizes, 20, 0, topics=topics)
+        assert sorted(np.concatenate(parts).tolist()) == list(range(pieces.num_docs))
+        assert min(sizes[p].sum() for p in parts) >= 130  # every client has at least one window

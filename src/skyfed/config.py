@@ -118,6 +118,9 @@ class StrategyConfig(Section):
 class FederationConfig(Section):
     rounds: int = Field(10, ge=1)
     clients: list[ClientSpec] = [ClientSpec(name="aws"), ClientSpec(name="gcp"), ClientSpec(name="azure")]
+    # Many logical clients without listing them: N clients named client0000, client0001, ...
+    # whose clouds go round-robin over the clouds of `clients` (aws, gcp, azure by default).
+    num_clients: int | None = Field(None, ge=1)
     fraction: float = Field(1.0, gt=0, le=1)
     min_clients: int = Field(1, ge=1)
     strategy: StrategyConfig = StrategyConfig()
@@ -126,12 +129,23 @@ class FederationConfig(Section):
 
     @model_validator(mode="after")
     def _unique_names(self) -> "FederationConfig":
+        if self.num_clients is not None and not (
+            len(self.clients) == self.num_clients and self.clients == generated_clients(self.clients, self.num_clients)
+        ):
+            object.__setattr__(self, "clients", generated_clients(self.clients, self.num_clients))
         names = [c.name for c in self.clients]
         if len(set(names)) != len(names):
             raise ValueError(f"client names must be unique, got {names}")
         if not names:
             raise ValueError("at least one client is needed")
         return self
+
+
+def generated_clients(templates: list[ClientSpec], n: int) -> list[ClientSpec]:
+    """`n` clients named client0000..., client i in the cloud of templates[i % len(templates)]."""
+    width = max(4, len(str(n - 1)))
+    clouds = [t.cloud or t.name for t in templates] or ["aws"]
+    return [ClientSpec(name=f"client{i:0{width}d}", cloud=clouds[i % len(clouds)]) for i in range(n)]
 
 
 class CloudProfileSpec(Section):
@@ -283,14 +297,29 @@ class AttackConfig(Section):
         return self.factor if self.factor is not None else ATTACK_DEFAULT_FACTOR[self.kind]
 
 
+class RayConfig(Section):
+    """The Ray runtime (`runtime: ray`, skyfed.runtime.ray; docs/scale.md): a pool of
+    actors, each with one model replica, training the sampled clients in turn."""
+
+    address: str | None = None  # None: start Ray on this machine; "auto" or "ray://HOST:PORT": join a cluster
+    actors: int = Field(2, ge=1)  # how many clients train at once
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    # where each client's state (optimizer moments, residual, held model) waits between
+    # its rounds: Ray's object store, or files under RUN_DIR/client_state/
+    client_state: Literal["object_store", "disk"] = "object_store"
+    num_cpus: int | None = Field(None, ge=1)  # a local Ray's CPUs; None = Ray's default (all)
+    object_store_mb: int | None = Field(None, ge=75)  # a local Ray's object store; None = Ray's default
+
+
 class ExperimentConfig(Section):
     name: str = "default"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None = torch's default
-    # Simulation only: train the clients in this many worker processes (1 = in this
-    # process); each worker gets max(1, threads // workers) torch threads (docs/foundation.md).
-    workers: int = Field(1, ge=1)
+    # Where the simulated clients train: objects in this process, or a pool of Ray actors
+    # (`ray:` below; docs/scale.md).
+    runtime: Literal["inprocess", "ray"] = "inprocess"
+    ray: RayConfig = RayConfig()
     out_dir: str = "runs"
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -306,6 +335,16 @@ class ExperimentConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
     security: SecurityConfig = SecurityConfig()
     attack: AttackConfig = AttackConfig()  # simulation only
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_workers(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "workers" in data:
+            raise ValueError(
+                "`workers` was removed: train the clients in parallel with `runtime: ray` and "
+                "`ray.actors: N` (docs/scale.md)"
+            )
+        return data
 
     @model_validator(mode="after")
     def _secagg_composes(self) -> "ExperimentConfig":

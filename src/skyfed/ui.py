@@ -99,8 +99,8 @@ def print_summary(console: Console, run_dir: Path, summary: dict[str, Any]) -> N
         ("bytes down", _fmt_bytes(summary["total"]["bytes_down"])),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
     ]
-    if summary.get("workers", 1) > 1:  # clients trained in worker processes
-        rows.append(("client workers", str(summary["workers"])))
+    if summary.get("runtime") == "ray":  # clients trained by Ray actors
+        rows.append(("Ray actors", str(summary.get("ray_actors"))))
     if "sim_time_s" in summary:  # the simulated clouds (skyfed.clouds)
         rows.append(("simulated time", _fmt_seconds(summary["sim_time_s"])))
         cost = summary.get("egress_cost_usd", {})

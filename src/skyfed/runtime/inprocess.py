@@ -11,15 +11,14 @@ of rounds: synchronous and asynchronous engines both drive it.
 Without a network every transfer and computation takes zero simulated time and
 results arrive in the order they were sent.
 
-`ParallelTransport` keeps the clients in worker processes (`workers` > 1) and schedules
-their results with the same code, so the clock and the bill are the same.
+`skyfed.runtime.ray.RayTransport` trains the clients in Ray actors and schedules their
+results with the same code, so the clock and the bill are the same.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
-from collections import deque
 
 from skyfed.clouds import CloudNetwork, Timing
 from skyfed.federation.client import FederatedClient
@@ -121,51 +120,6 @@ class SimulatedTransport(Transport):
             self.clients[name].load_state_dict(client_state)
         if self.network is not None and state["network"] is not None:
             self.network.load_state_dict(state["network"])
-
-
-class ParallelTransport(SimulatedTransport):
-    """The simulated transport with the clients in worker processes (`workers` > 1,
-    skyfed.runtime.workers): `send` submits without waiting, so the clients of a round
-    train in parallel; before a `receive`, the pending results are collected and
-    scheduled in send order, each from the clock at its send, exactly as sequentially."""
-
-    def __init__(self, pool, names: list[str], network: CloudNetwork | None = None, on_step=None, start_s: float = 0.0):
-        super().__init__([], network, start_s)
-        self.pool = pool  # skyfed.runtime.workers.WorkerPool
-        self.names = list(names)
-        self.on_step = on_step  # replays the local steps a worker reported, when collected
-        self._pending: deque[tuple[str, TrainTask, float]] = deque()
-
-    def client_names(self) -> list[str]:
-        return list(self.names)
-
-    def send(self, client: str, task: TrainTask) -> None:
-        self.pool.submit(client, task)
-        self._pending.append((client, task, self._now))
-
-    def settle(self) -> None:
-        while self._pending:
-            client, task, sent_s = self._pending.popleft()
-            result, steps = self.pool.result(client)
-            if self.on_step is not None:
-                for step in steps:
-                    self.on_step(*step)
-            self._schedule(client, task, result, sent_s)
-
-    def receive(self, timeout: float | None = None) -> ClientResult | None:
-        self.settle()
-        return super().receive(timeout)
-
-    def in_flight(self) -> int:
-        return len(self._pending) + super().in_flight()
-
-    def state_dict(self) -> dict:
-        """The clock and the bill; the clients' own state stays in the workers, so a resumed
-        run with workers restarts them from the global model (not bit-identical)."""
-        return {**super().state_dict(), "clients": {}}
-
-    def close(self) -> None:
-        self.pool.close()
 
 
 InProcessTransport = SimulatedTransport  # the name the foundation used

@@ -36,10 +36,35 @@ def capacity_shares(cfg: ExperimentConfig, names: list[str]) -> list[float]:
     return [net.throughput(n) for n in names]
 
 
+def split_documents(train: TokenShard, num_clients: int, min_tokens: int) -> TokenShard:
+    """`train` with its documents cut into pieces when it has fewer documents than clients
+    (WikiText-2 has 629 articles; 1,000 clients need more): each document becomes pieces
+    of about total / (2 * num_clients) tokens, never fewer than `min_tokens` (one training
+    window); a piece that would be shorter joins the next one. Pieces of one article stay
+    in order, so `natural` still gives each client a contiguous stretch of the corpus and
+    `dirichlet` still labels each piece with its topic."""
+    if train.num_docs >= num_clients:
+        return train
+    piece = max(min_tokens, train.num_tokens // (2 * num_clients))
+    bounds = [0]
+    for start, end in zip(train.offsets[:-1].tolist(), train.offsets[1:].tolist()):
+        k = max(1, (end - start) // piece)
+        for cut in [*(start + (end - start) * np.arange(1, k) // k).tolist(), end]:
+            if cut - bounds[-1] >= min_tokens:
+                bounds.append(int(cut))
+    if len(bounds) == 1:
+        bounds.append(train.num_tokens)
+    bounds[-1] = train.num_tokens  # a short tail joins the last piece
+    return TokenShard(train.tokens, np.asarray(bounds, dtype=np.int64))
+
+
 def plan_partition(cfg: ExperimentConfig, train: TokenShard, names: list[str], vocab_size: int) -> Partition:
-    """Partition `train` across `names` (the clients without their own data)."""
+    """Partition `train` across `names` (the clients without their own data); with more
+    clients than documents, across pieces of documents (`split_documents`)."""
     p = cfg.data.partition
     seed = cfg.seed if p.seed is None else p.seed
+    docs = train.num_docs
+    train = split_documents(train, len(names), cfg.train.seq_len + 2)
     topics = document_topics(train.tokens, train.offsets, p.num_topics, seed)
     shares = capacity_shares(cfg, names) if p.method == "capacity" else p.shares
     parts = partition_documents(
@@ -48,6 +73,8 @@ def plan_partition(cfg: ExperimentConfig, train: TokenShard, names: list[str], v
     shards = [train.subset(idx) for idx in parts]
     stats = partition_stats(names, [s.tokens for s in shards], parts, topics, p.num_topics, vocab_size, p.method)
     stats.update(seed=seed, alpha=p.alpha if p.method == "dirichlet" else None, shares=shares)
+    if train.num_docs != docs:  # the indices in this report are pieces of documents
+        stats.update(documents=docs, document_pieces=train.num_docs)
     return Partition(names, parts, shards, stats)
 
 

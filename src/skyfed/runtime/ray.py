@@ -1,0 +1,273 @@
+"""The Ray runtime (`runtime: ray`): the simulated clients train in a pool of Ray actors.
+
+    runtime: ray
+    ray: {actors: 4, address: null}       # null: a local Ray; "auto": join `ray start`'s cluster
+
+Each actor (`skyfed.runtime.ray_actor.ClientReplica`) holds one model replica and trains
+the logical clients it is sent, one at a time, so memory follows `ray.actors`, not the
+number of clients. Between its rounds a client's state (optimizer moments, residual, the
+model it holds) waits in Ray's object store (an `ObjectRef` held here) or in a file under
+RUN_DIR/client_state/NAME.G.pt (`ray.client_state: disk`; G counts the client's
+tasks, so a checkpoint can name a file that later rounds do not overwrite). Each distinct model payload of a round
+is put in the object store once and every task refers to it; each client's token shard is
+put once, at start.
+
+`RayTransport` is the simulated transport (`skyfed.runtime.inprocess`) with the training
+moved to the actors: `send` submits without waiting; before a `receive` the results are
+collected and scheduled in send order, each from the simulated clock at its send, by the
+same `_schedule`. A client's computation depends only on its state, its shard, its seed
+and its task, never on which actor runs it, so with one torch thread per actor a run is
+bit-identical to the in-process simulation (tests/test_ray.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from skyfed.clouds import CloudNetwork, network_from_config
+from skyfed.config import ExperimentConfig
+from skyfed.errors import CheckpointError, ConfigError, SkyfedError
+from skyfed.federation.engine import EventSink
+from skyfed.federation.messages import ClientResult, TrainTask
+from skyfed.runtime.inprocess import SimulatedTransport
+from skyfed.runtime.ray_actor import ClientReplica
+from skyfed.runtime.setup import PreparedData
+
+log = logging.getLogger(__name__)
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("runtime: ray needs Ray: pip install 'skyfed[ray]'") from None
+    return ray
+
+
+def start_ray(cfg: ExperimentConfig) -> bool:
+    """Connect to Ray as `ray.address` says; returns whether this call started it (then
+    `ray.shutdown()` is ours to call)."""
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    opts = cfg.ray
+    env = {"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}} if os.environ.get("PYTHONPATH") else None
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "runtime_env": env}
+    if opts.address is None:
+        kwargs["num_cpus"] = opts.num_cpus
+        if opts.object_store_mb is not None:
+            kwargs["object_store_memory"] = opts.object_store_mb * 2**20
+    try:
+        ray.init(address=opts.address, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - a cluster that cannot be reached is a config problem
+        raise SkyfedError(f"ray.init(address={opts.address!r}) failed: {type(exc).__name__}: {exc}") from None
+    return True
+
+
+class RayTransport(SimulatedTransport):
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        tokenizer,
+        client_tokens: dict[str, np.ndarray],
+        network: CloudNetwork | None = None,
+        on_step: Callable[[str, int, int, float], None] | None = None,
+        start_s: float = 0.0,
+    ):
+        super().__init__([], network, start_s)
+        self.names = list(client_tokens)
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.on_step = on_step
+        self.on_disk = cfg.ray.client_state == "disk"
+        self.state_dir: Path | None = None  # RUN_DIR/client_state, set by `use_run_dir`
+        self._owns_ray = False
+        self._actors: list[Any] = []
+        self._states: dict[str, Any] = {}  # client -> ObjectRef of its state (object store) or None
+        self._files: dict[str, str] = {}  # client -> its state file (disk)
+        self._written: set[str] = set()  # state files written and not yet deleted (disk)
+        self._named_before: set[str] = set()  # state files the previous checkpoint names (disk)
+        self._last: dict[str, Any] = {}  # client -> ObjectRef of its latest result (disk: orders its tasks)
+        self._pending: deque[tuple[str, TrainTask, float, Any]] = deque()
+        self._payloads: dict[int, tuple[bytes, Any]] = {}  # id(payload) -> (payload, ObjectRef)
+        self._payload_version: int | None = None
+        self.payload_puts = 0  # object-store copies of model payloads so far
+        self._next_actor = 0
+        self._owns_ray = start_ray(cfg)
+        try:
+            ray = _ray()
+            self._tokens = {n: ray.put(np.asarray(t)) for n, t in client_tokens.items()}
+            n = max(1, min(cfg.ray.actors, len(self.names)))
+            actor = ray.remote(ClientReplica).options(num_cpus=cfg.ray.num_cpus_per_actor, max_restarts=0)
+            threads = max(1, int(cfg.ray.num_cpus_per_actor))
+            self._actors = [actor.remote(cfg, tokenizer, threads) for _ in range(n)]
+            self._get([a.pid.remote() for a in self._actors], "starting the actors")
+            log.info("%d Ray actors started, %d torch thread(s) each", n, threads)
+        except BaseException:
+            self.close()
+            raise
+
+    def client_names(self) -> list[str]:
+        return list(self.names)
+
+    def use_run_dir(self, path: Path) -> None:
+        """Client state files go under `path`/client_state (`ray.client_state: disk`)."""
+        self.state_dir = Path(path) / "client_state"
+
+    # ------------------------------------------------------------ sending and collecting
+
+    def _payload_ref(self, task: TrainTask) -> Any:
+        """One object-store copy per distinct payload of a model version (the server core
+        hands every client with the same base the same bytes object); a new version
+        drops the previous version's copies."""
+        if task.version != self._payload_version:
+            self._payloads, self._payload_version = {}, task.version
+        known = self._payloads.get(id(task.payload))
+        if known is not None and known[0] is task.payload:
+            return known[1]
+        ref = _ray().put(task.payload)
+        self._payloads[id(task.payload)] = (task.payload, ref)
+        self.payload_puts += 1
+        return ref
+
+    def send(self, client: str, task: TrainTask) -> None:
+        actor = self._actors[self._next_actor % len(self._actors)]
+        self._next_actor += 1
+        light = TrainTask(task.round, task.version, b"", task.steps, task.options)
+        if self.on_disk:
+            if self.state_dir is None:
+                raise SkyfedError("ray.client_state: disk needs the run directory (RayTransport.use_run_dir)")
+            old = self._files.get(client)
+            new = f"{client}.{_generation(old) + 1}.pt"  # a new file: the checkpoint may name the old one
+            self._files[client] = new
+            self._written.add(new)
+            done, _ = actor.handle.options(num_returns=2).remote(
+                client, self.index[client], self._tokens[client], None if old is None else str(self.state_dir / old),
+                light, self._payload_ref(task), str(self.state_dir / new), self._last.get(client),
+            )
+            self._last[client] = done
+        else:
+            done, state_ref = actor.handle.options(num_returns=2).remote(
+                client, self.index[client], self._tokens[client], self._states.get(client), light,
+                self._payload_ref(task),
+            )
+            self._states[client] = state_ref  # the next task of this client waits for it
+        self._pending.append((client, task, self._now, done))
+
+    def settle(self) -> None:
+        while self._pending:
+            client, task, sent_s, done = self._pending.popleft()
+            result, steps = self._get(done, f"client {client}")
+            if self._last.get(client) is done:
+                del self._last[client]  # done: nothing to wait for, nothing to keep in the store
+            if self.on_step is not None:
+                for step in steps:
+                    self.on_step(*step)
+            self._schedule(client, task, result, sent_s)
+
+    def _get(self, ref: Any, what: str) -> Any:
+        ray = _ray()
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            raise SkyfedError(f"{what} failed in a Ray actor: {type(cause).__name__}: {_first_line(cause)}") from None
+        except ray.exceptions.RayError as exc:
+            raise SkyfedError(f"{what}: a Ray actor died: {type(exc).__name__}: {_first_line(exc)}") from None
+
+    def receive(self, timeout: float | None = None) -> ClientResult | None:
+        self.settle()
+        return super().receive(timeout)
+
+    def in_flight(self) -> int:
+        return len(self._pending) + super().in_flight()
+
+    # ------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> dict:
+        """The clock, the results travelling, the bill, and every client's state: fetched
+        from the object store, or (disk) the names of the state files, which are kept
+        until neither this checkpoint nor the one before names them. A resumed run
+        continues exactly."""
+        state = super().state_dict()
+        if self.on_disk:
+            named = dict(self._files)
+            keep = set(named.values()) | self._named_before
+            for stale in self._written - keep:
+                (self.state_dir / stale).unlink(missing_ok=True)
+            self._written &= keep
+            self._named_before = set(named.values())
+            state["client_files"] = named
+        else:
+            refs = {n: r for n, r in self._states.items() if r is not None}
+            values = self._get(list(refs.values()), "fetching client state") if refs else []
+            state["clients"] = dict(zip(refs, values))
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        clients = state["clients"]
+        super().load_state_dict({**state, "clients": {}})
+        if self.on_disk:
+            if self.state_dir is None:
+                raise SkyfedError("ray.client_state: disk needs the run directory before resuming")
+            files = dict(state.get("client_files", {}))
+            missing = [f for f in files.values() if not (self.state_dir / f).is_file()]
+            if missing:
+                raise CheckpointError(f"--resume: client state file {self.state_dir / missing[0]} is missing")
+            self._files, self._written, self._named_before = files, set(files.values()), set(files.values())
+        else:
+            ray = _ray()
+            self._states = {name: ray.put(client_state) for name, client_state in clients.items()}
+
+    def close(self) -> None:
+        """Stop the actors, and Ray itself when this transport started it."""
+        try:
+            if self._actors:
+                ray = _ray()
+                for a in self._actors:
+                    ray.kill(a)
+        finally:
+            self._actors, self._states, self._last, self._payloads, self._pending = [], {}, {}, {}, deque()
+            if self._owns_ray:
+                _ray().shutdown()
+                self._owns_ray = False
+
+
+def _generation(name: str | None) -> int:
+    """How many tasks wrote the state file `NAME.G.pt` (G), 0 for none."""
+    return 0 if name is None else int(name.rsplit(".", 2)[1])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+def ray_transport(run_dir: Path | None = None) -> Callable[[ExperimentConfig, PreparedData, torch.device, EventSink], RayTransport]:
+    """The transport factory `assemble` calls for `runtime: ray`; `run_dir` is where
+    `ray.client_state: disk` keeps the states (RUN_DIR/client_state)."""
+
+    def factory(cfg: ExperimentConfig, data: PreparedData, device: torch.device, emit: EventSink) -> RayTransport:
+        if cfg.security.secure_aggregation:
+            raise ConfigError("runtime: ray does not run secure aggregation yet; use runtime: inprocess")
+        network = network_from_config(cfg, 0) if cfg.clouds.simulate else None
+
+        def on_step(name: str, step: int, steps: int, loss: float) -> None:
+            emit("local_step", {"client": name, "step": step, "steps": steps, "loss": loss})
+
+        emit("status", {"message": f"starting {cfg.ray.actors} Ray actors"})
+        tokens = {s.name: data.client_tokens[s.name] for s in cfg.federation.clients}
+        link = RayTransport(cfg, data.tokenizer, tokens, network, on_step)
+        if run_dir is not None:
+            link.use_run_dir(run_dir)
+        return link
+
+    return factory
