@@ -48,7 +48,7 @@ class SecAggServer:
         self.params = params
         self.round = round
         self.session = session if session is not None else os.urandom(16)
-        self.graph_seed = graph_seed if graph_seed is not None else int.from_bytes(os.urandom(8), "big")
+        self.graph_seed = graph_seed if graph_seed is not None else int.from_bytes(os.urandom(8), "big") >> 1  # 63 bits: JSON headers carry signed 64-bit integers
         self.stage = "keys"
         self._keys: dict[str, tuple[bytes, bytes]] = {}
         self._roster: Roster | None = None
