@@ -11,11 +11,14 @@ they reach the inner parsers, hostile tensor values, bad prefix fields):
 - ``decoder``: `decode_payload(..., views=True)`, as the server's engine decodes an update;
 - ``downlink``: `DownlinkReceiver.receive`, as a client applies the global model or a delta;
 - ``servicer``: `FederationServicer.PushUpdate` in process (tests/servicer_fuzz.py) with
-  mutated chunk streams (wrong header fields, bad framing, deep JSON in meta_json,
-  negative or huge sizes, mutated payloads), followed by the engine's decode;
-- ``grpc``: the same streams through a real gRPC server on 127.0.0.1 and a real channel
-  (`--n-grpc` inputs, data chunks of 1000 bytes or more); an exception leaving the
-  servicer without an abort is recorded on the server side and counted as foreign.
+  mutated calls: call metadata (missing or garbage protocol version, unknown names,
+  wrong sessions, repeated keys, binary and huge values) and chunk streams (wrong header
+  fields, bad framing, deep JSON in meta_json, negative or huge sizes and token counts,
+  garbage messages, mutated payloads), followed by the engine's decode;
+- ``grpc``: the same calls through a real gRPC server on 127.0.0.1 and a real channel
+  (`--n-grpc` inputs, data chunks of 1000 bytes or more, metadata a gRPC client can
+  send); an exception leaving the servicer without an abort is recorded on the server
+  side and counted as foreign.
 
 The bar: no exception other than skyfed's own errors (and, for the servicer, aborts
 with a gRPC status); nothing caught by `decode_payload`'s safety net (a missing check);
@@ -178,6 +181,11 @@ class Tally:
         return not self.foreign and not self.safety_net and not self.hangs
 
 
+def update_sources(rng: random.Random) -> list[tuple[dict[str, torch.Tensor], Chain]]:
+    """(tensors, chain) of SPEC for every chain: the servicer targets encode them for each push's round."""
+    return [(random_tensors(rng, SPEC), Chain.from_specs(c)) for c in CHAINS]
+
+
 def update_payloads(rng: random.Random, per_chain: int = 3) -> list[bytes]:
     """Valid updates of SPEC through every chain."""
     return [
@@ -220,13 +228,22 @@ def fuzz_downlink(rng: random.Random, n: int, timeout_s: float, initial: dict[st
 
 
 def fuzz_servicer(rng: random.Random, n: int, timeout_s: float) -> Tally:
-    tally, payloads = Tally("servicer"), update_payloads(rng, 1)
+    tally, sources = Tally("servicer"), update_sources(rng)
     rig = ServicerRig(SPEC)
-    for _ in range(n):
-        kind, chunks = hostile_stream(rng, rig, rng.choice(payloads))
-        tally.run(kind, b"|".join(chunks[:3]), lambda: rig.push(chunks), timeout_s)
+    try:
+        for _ in range(n):
+            kind, chunks, metadata = hostile_stream(rng, rig, rig.update(*rng.choice(sources)))
+            tally.run(kind, _describe_call(metadata, chunks), lambda: rig.push(chunks, metadata=metadata), timeout_s)
+    finally:
+        rig.close()
     tally.outcomes["decoded_by_engine"] = rig.decoded
     return tally
+
+
+def _describe_call(metadata: list[tuple[str, Any]], chunks: list[bytes]) -> bytes:
+    """The call's metadata (values cut to 40 characters) and its first three messages."""
+    meta = ";".join(f"{k}={str(v)[:40]}{'...' if len(str(v)) > 40 else ''}" for k, v in metadata[:6])
+    return meta.encode() + b"||" + b"|".join(chunks[:3])
 
 
 class Recorder:
@@ -250,7 +267,7 @@ class Recorder:
 def fuzz_grpc(rng: random.Random, n: int, timeout_s: float) -> Tally:
     from concurrent.futures import ThreadPoolExecutor
 
-    tally, payloads = Tally("servicer"), update_payloads(rng, 1)
+    tally, sources = Tally("servicer"), update_sources(rng)
     rig = ServicerRig(SPEC)
     recorder = Recorder(rig.servicer)
     server = grpc.server(ThreadPoolExecutor(max_workers=2))
@@ -260,11 +277,11 @@ def fuzz_grpc(rng: random.Random, n: int, timeout_s: float) -> Tally:
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     push = push_call(channel)
 
-    def call(chunks: list[bytes]) -> str:
+    def call(chunks: list[bytes], metadata: list[tuple[str, Any]]) -> str:
         recorder.escaped = None
         try:
-            reply = push(iter(chunks), timeout=timeout_s)
-            outcome = "duplicate" if reply.duplicate else "accepted"
+            reply = push(iter(chunks), timeout=timeout_s, metadata=metadata)
+            outcome = "duplicate" if reply.duplicate else "accepted" if reply.accepted else "rejected"
         except grpc.RpcError as err:
             outcome = f"aborted:{err.code().name}"
         if recorder.escaped is not None:
@@ -273,11 +290,12 @@ def fuzz_grpc(rng: random.Random, n: int, timeout_s: float) -> Tally:
 
     try:
         for _ in range(n):
-            kind, chunks = hostile_stream(rng, rig, rng.choice(payloads), tiny_chunks=False)
-            tally.run(kind, b"|".join(chunks[:3]), lambda: rig.push(chunks, call), timeout_s)
+            kind, chunks, metadata = hostile_stream(rng, rig, rig.update(*rng.choice(sources)), tiny_chunks=False, wire_safe=True)
+            tally.run(kind, _describe_call(metadata, chunks), lambda: rig.push(chunks, call, metadata), timeout_s)
     finally:
         channel.close()
         server.stop(None)
+        rig.close()
     tally.outcomes["decoded_by_engine"] = rig.decoded
     return tally
 
