@@ -44,6 +44,7 @@ from urllib.parse import unquote
 import grpc
 from google.protobuf.message import DecodeError
 
+from skyfed.compression import strictjson
 from skyfed.compression.wire import TensorSpec, read_header
 from skyfed.errors import AuthError, PayloadTooLargeError, SkyfedError, WireFormatError
 from skyfed.federation.messages import ClientResult, TrainTask
@@ -481,12 +482,11 @@ def _parts(item: bytes | pb.UpdateChunk) -> tuple[str | None, object]:
 
 
 def _meta(text: str, what: str) -> dict:
+    """The push's meta_json under the wire headers' strict rules (`strictjson`: bounded
+    nesting, no NaN/Infinity, 64-bit integers, unique keys); a non-object is dropped."""
     if not text:
         return {}
     if len(text) > MAX_META_JSON:
         raise WireFormatError(f"{what}: meta_json of {len(text)} characters (at most {MAX_META_JSON})")
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
-        raise WireFormatError(f"{what}: meta_json is not valid JSON") from None
+    value = strictjson.loads(text.encode("utf-8", "surrogatepass"), f"{what}: meta_json")
     return value if isinstance(value, dict) else {}
