@@ -21,7 +21,8 @@ they reach the inner parsers, hostile tensor values, bad prefix fields):
   side and counted as foreign.
 
 The bar: no exception other than skyfed's own errors (and, for the servicer, aborts
-with a gRPC status); nothing caught by `decode_payload`'s safety net (a missing check);
+with a gRPC status); nothing caught by `decode_payload`'s safety net or answered
+INTERNAL by the servicer's catch-all (both mean a missing check);
 no input slower than `--timeout-s` (a SIGALRM per input); and the global model and the
 client's model byte-identical at the end (SHA-256 of their tensors). Results go to
 bench/results/fuzz.json; the exit code is 1 when the bar is not met.
@@ -94,6 +95,22 @@ def where(exc: BaseException) -> str:
     return f"{f.filename.split('/src/')[-1]}:{f.lineno} ({f.name})"
 
 
+class CatchAll(Exception):
+    """The servicer answered INTERNAL: its catch-all caught an exception that is not skyfed's (a missing check)."""
+
+
+def checked(rig: ServicerRig, push: Callable[[], str]) -> Callable[[], str]:
+    """`push`, raising `CatchAll` (with the abort's details) when the servicer answered INTERNAL."""
+
+    def run() -> str:
+        outcome = push()
+        if outcome == "aborted:INTERNAL":
+            raise CatchAll(rig.last_abort)
+        return outcome
+
+    return run
+
+
 class Tally:
     """Counts and examples for one target."""
 
@@ -105,6 +122,7 @@ class Tally:
         self.exceptions: collections.Counter[str] = collections.Counter()
         self.foreign: collections.Counter[str] = collections.Counter()
         self.safety_net: collections.Counter[str] = collections.Counter()
+        self.catch_all: collections.Counter[str] = collections.Counter()  # the servicer's INTERNAL answers
         self.escaped_project: collections.Counter[str] = collections.Counter()
         self.hangs = 0
         self.times: list[float] = []
@@ -138,6 +156,10 @@ class Tally:
             if self.name == "servicer":
                 self.escaped_project[f"{type(exc).__name__} at {where(exc)}"] += 1
                 self.example(f"escaped:{where(exc)}", mutation, exc, data)
+        except CatchAll as exc:
+            self.catch_all[str(exc)[:200]] += 1
+            self.outcomes["aborted:INTERNAL"] += 1
+            self.example(f"catch_all:{exc}", mutation, exc, data)
         except SkyfedError as exc:
             self.exceptions[type(exc).__name__] += 1
             self.outcomes["refused"] += 1
@@ -166,6 +188,8 @@ class Tally:
             "foreign_by_type_and_line": dict(self.foreign.most_common()),
             "safety_net_catches": sum(self.safety_net.values()),
             "safety_net_by_type_and_line": dict(self.safety_net.most_common()),
+            "servicer_catch_all_internal": sum(self.catch_all.values()),
+            "servicer_catch_all_by_details": dict(self.catch_all.most_common()),
             "project_errors_escaping_without_status": dict(self.escaped_project.most_common()),
             "hangs": self.hangs,
             "max_s_per_input": times[-1],
@@ -178,7 +202,7 @@ class Tally:
 
     @property
     def ok(self) -> bool:
-        return not self.foreign and not self.safety_net and not self.hangs
+        return not self.foreign and not self.safety_net and not self.catch_all and not self.hangs
 
 
 def update_sources(rng: random.Random) -> list[tuple[dict[str, torch.Tensor], Chain]]:
@@ -233,7 +257,7 @@ def fuzz_servicer(rng: random.Random, n: int, timeout_s: float) -> Tally:
     try:
         for _ in range(n):
             kind, chunks, metadata = hostile_stream(rng, rig, rig.update(*rng.choice(sources)))
-            tally.run(kind, _describe_call(metadata, chunks), lambda: rig.push(chunks, metadata=metadata), timeout_s)
+            tally.run(kind, _describe_call(metadata, chunks), checked(rig, lambda: rig.push(chunks, metadata=metadata)), timeout_s)
     finally:
         rig.close()
     tally.outcomes["decoded_by_engine"] = rig.decoded
@@ -284,6 +308,7 @@ def fuzz_grpc(rng: random.Random, n: int, timeout_s: float) -> Tally:
             outcome = "duplicate" if reply.duplicate else "accepted" if reply.accepted else "rejected"
         except grpc.RpcError as err:
             outcome = f"aborted:{err.code().name}"
+            rig.last_abort = err.details() or ""
         if recorder.escaped is not None:
             raise recorder.escaped
         return outcome
@@ -291,7 +316,7 @@ def fuzz_grpc(rng: random.Random, n: int, timeout_s: float) -> Tally:
     try:
         for _ in range(n):
             kind, chunks, metadata = hostile_stream(rng, rig, rig.update(*rng.choice(sources)), tiny_chunks=False, wire_safe=True)
-            tally.run(kind, _describe_call(metadata, chunks), lambda: rig.push(chunks, call, metadata), timeout_s)
+            tally.run(kind, _describe_call(metadata, chunks), checked(rig, lambda: rig.push(chunks, call, metadata)), timeout_s)
     finally:
         channel.close()
         server.stop(None)
@@ -355,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown target {name!r}: decoder, downlink, servicer or grpc")
         targets[name] = dict(tally.summary(), ok=tally.ok, elapsed_s=time.perf_counter() - t0)
         print(f"{name}: {tally.inputs} inputs, {sum(tally.foreign.values())} foreign, "
-              f"{sum(tally.safety_net.values())} safety-net, {tally.hangs} hangs, max {max(tally.times):.3f} s", flush=True)
+              f"{sum(tally.safety_net.values())} safety-net, {sum(tally.catch_all.values())} INTERNAL, {tally.hangs} hangs, max {max(tally.times):.3f} s", flush=True)
     unchanged = (model_hash(params), model_hash(client_model)) == hashes
     ok = unchanged and all(t["ok"] for t in targets.values())
     result = {

@@ -131,6 +131,7 @@ class ServicerRig:
         self.session = self.sessions["aws"]
         self.round = 0
         self.decoded = 0  # updates the engine side decoded successfully
+        self.last_abort = ""  # the details of the last abort (INTERNAL names the exception the catch-all caught)
 
     def _register(self, name: str) -> str:
         request = pb.RegisterRequest(protocol_version=PROTOCOL_VERSION, name=name, num_tokens=1000)
@@ -179,6 +180,7 @@ class ServicerRig:
             reply = self.servicer.PushUpdate(iter(chunks), FakeContext(metadata))
             return "duplicate" if reply.duplicate else "accepted" if reply.accepted else "rejected"
         except Aborted as exc:
+            self.last_abort = exc.details
             return f"aborted:{exc.code.name}"
         finally:
             self.drain()

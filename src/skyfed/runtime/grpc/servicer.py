@@ -191,6 +191,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             self._check_version(meta.get(META_PROTOCOL))
             name = meta.get(META_NAME, "")
             if name not in self.transport.clients:
+                name = _shown(name)  # not a client: only quoted in the refusal, cut short
                 if method != "Register":
                     self._check_session(name, "")
                 if self.tokens is not None:  # the same answer as a wrong token: names are not enumerable
@@ -237,7 +238,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         if version != PROTOCOL_VERSION:
             raise Refusal(
                 Code.FAILED_PRECONDITION,
-                f"protocol version {value if value is not None else 'missing'} is not supported: this server speaks "
+                f"protocol version {_shown(value) if value is not None else 'missing'} is not supported: this server speaks "
                 f"skyfed protocol version {PROTOCOL_VERSION}; install a matching skyfed on the client",
             )
 
@@ -323,7 +324,7 @@ class FederationServicer(pb_grpc.FederationServicer):
     @staticmethod
     def _same_name(call: _Call, name: str) -> None:
         if name != call.name:
-            raise Refusal(Code.INVALID_ARGUMENT, f"the request names client {name!r}, but the call is client {call.name!r}'s")
+            raise Refusal(Code.INVALID_ARGUMENT, f"the request names client {_shown(name)!r}, but the call is client {call.name!r}'s")
 
     # ------------------------------------------------------------ RPCs
 
@@ -458,13 +459,18 @@ class FederationServicer(pb_grpc.FederationServicer):
             pass
 
 
+def _shown(text: str, limit: int = 64) -> str:
+    """A client-supplied string as a refusal quotes it: at most `limit` characters."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_payload_header(header: dict[str, Any], h: pb.UpdateHeader, name: str, what: str) -> None:
     """The payload's own header must say what the push says (else: replayed or re-labelled)."""
     expected = {"kind": "update", "round": h.round, "client": name, "base_version": h.base_version}
     for key, want in expected.items():
         got = header.get(key)
         if type(got) is not type(want) or got != want:
-            raise WireFormatError(f"{what}: the payload's header says {key}={got!r}, the push says {want!r} (a replayed or re-labelled update)")
+            raise WireFormatError(f"{what}: the payload's header says {key}={_shown(repr(got))}, the push says {want!r} (a replayed or re-labelled update)")
 
 
 def _parts(item: bytes | pb.UpdateChunk) -> tuple[str | None, object]:
