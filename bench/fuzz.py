@@ -11,14 +11,18 @@ they reach the inner parsers, hostile tensor values, bad prefix fields):
 - ``decoder``: `decode_payload(..., views=True)`, as the server's engine decodes an update;
 - ``downlink``: `DownlinkReceiver.receive`, as a client applies the global model or a delta;
 - ``servicer``: `FederationServicer.PushUpdate` in process (tests/servicer_fuzz.py) with
-  mutated chunk streams (wrong header fields, bad framing, deep JSON in meta_json,
-  negative or huge sizes, mutated payloads), followed by the engine's decode;
-- ``grpc``: the same streams through a real gRPC server on 127.0.0.1 and a real channel
-  (`--n-grpc` inputs, data chunks of 1000 bytes or more); an exception leaving the
-  servicer without an abort is recorded on the server side and counted as foreign.
+  mutated calls: call metadata (missing or garbage protocol version, unknown names,
+  wrong sessions, repeated keys, binary and huge values) and chunk streams (wrong header
+  fields, bad framing, deep JSON in meta_json, negative or huge sizes and token counts,
+  garbage messages, mutated payloads), followed by the engine's decode;
+- ``grpc``: the same calls through a real gRPC server on 127.0.0.1 and a real channel
+  (`--n-grpc` inputs, data chunks of 1000 bytes or more, metadata a gRPC client can
+  send); an exception leaving the servicer without an abort is recorded on the server
+  side and counted as foreign.
 
 The bar: no exception other than skyfed's own errors (and, for the servicer, aborts
-with a gRPC status); nothing caught by `decode_payload`'s safety net (a missing check);
+with a gRPC status); nothing caught by `decode_payload`'s safety net or answered
+INTERNAL by the servicer's catch-all (both mean a missing check);
 no input slower than `--timeout-s` (a SIGALRM per input); and the global model and the
 client's model byte-identical at the end (SHA-256 of their tensors). Results go to
 bench/results/fuzz.json; the exit code is 1 when the bar is not met.
@@ -91,6 +95,22 @@ def where(exc: BaseException) -> str:
     return f"{f.filename.split('/src/')[-1]}:{f.lineno} ({f.name})"
 
 
+class CatchAll(Exception):
+    """The servicer answered INTERNAL: its catch-all caught an exception that is not skyfed's (a missing check)."""
+
+
+def checked(rig: ServicerRig, push: Callable[[], str]) -> Callable[[], str]:
+    """`push`, raising `CatchAll` (with the abort's details) when the servicer answered INTERNAL."""
+
+    def run() -> str:
+        outcome = push()
+        if outcome == "aborted:INTERNAL":
+            raise CatchAll(rig.last_abort)
+        return outcome
+
+    return run
+
+
 class Tally:
     """Counts and examples for one target."""
 
@@ -102,6 +122,7 @@ class Tally:
         self.exceptions: collections.Counter[str] = collections.Counter()
         self.foreign: collections.Counter[str] = collections.Counter()
         self.safety_net: collections.Counter[str] = collections.Counter()
+        self.catch_all: collections.Counter[str] = collections.Counter()  # the servicer's INTERNAL answers
         self.escaped_project: collections.Counter[str] = collections.Counter()
         self.hangs = 0
         self.times: list[float] = []
@@ -135,6 +156,10 @@ class Tally:
             if self.name == "servicer":
                 self.escaped_project[f"{type(exc).__name__} at {where(exc)}"] += 1
                 self.example(f"escaped:{where(exc)}", mutation, exc, data)
+        except CatchAll as exc:
+            self.catch_all[str(exc)[:200]] += 1
+            self.outcomes["aborted:INTERNAL"] += 1
+            self.example(f"catch_all:{exc}", mutation, exc, data)
         except SkyfedError as exc:
             self.exceptions[type(exc).__name__] += 1
             self.outcomes["refused"] += 1
@@ -163,6 +188,8 @@ class Tally:
             "foreign_by_type_and_line": dict(self.foreign.most_common()),
             "safety_net_catches": sum(self.safety_net.values()),
             "safety_net_by_type_and_line": dict(self.safety_net.most_common()),
+            "servicer_catch_all_internal": sum(self.catch_all.values()),
+            "servicer_catch_all_by_details": dict(self.catch_all.most_common()),
             "project_errors_escaping_without_status": dict(self.escaped_project.most_common()),
             "hangs": self.hangs,
             "max_s_per_input": times[-1],
@@ -175,7 +202,12 @@ class Tally:
 
     @property
     def ok(self) -> bool:
-        return not self.foreign and not self.safety_net and not self.hangs
+        return not self.foreign and not self.safety_net and not self.catch_all and not self.hangs
+
+
+def update_sources(rng: random.Random) -> list[tuple[dict[str, torch.Tensor], Chain]]:
+    """(tensors, chain) of SPEC for every chain: the servicer targets encode them for each push's round."""
+    return [(random_tensors(rng, SPEC), Chain.from_specs(c)) for c in CHAINS]
 
 
 def update_payloads(rng: random.Random, per_chain: int = 3) -> list[bytes]:
@@ -220,13 +252,22 @@ def fuzz_downlink(rng: random.Random, n: int, timeout_s: float, initial: dict[st
 
 
 def fuzz_servicer(rng: random.Random, n: int, timeout_s: float) -> Tally:
-    tally, payloads = Tally("servicer"), update_payloads(rng, 1)
+    tally, sources = Tally("servicer"), update_sources(rng)
     rig = ServicerRig(SPEC)
-    for _ in range(n):
-        kind, chunks = hostile_stream(rng, rig, rng.choice(payloads))
-        tally.run(kind, b"|".join(chunks[:3]), lambda: rig.push(chunks), timeout_s)
+    try:
+        for _ in range(n):
+            kind, chunks, metadata = hostile_stream(rng, rig, rig.update(*rng.choice(sources)))
+            tally.run(kind, _describe_call(metadata, chunks), checked(rig, lambda: rig.push(chunks, metadata=metadata)), timeout_s)
+    finally:
+        rig.close()
     tally.outcomes["decoded_by_engine"] = rig.decoded
     return tally
+
+
+def _describe_call(metadata: list[tuple[str, Any]], chunks: list[bytes]) -> bytes:
+    """The call's metadata (values cut to 40 characters) and its first three messages."""
+    meta = ";".join(f"{k}={str(v)[:40]}{'...' if len(str(v)) > 40 else ''}" for k, v in metadata[:6])
+    return meta.encode() + b"||" + b"|".join(chunks[:3])
 
 
 class Recorder:
@@ -250,7 +291,7 @@ class Recorder:
 def fuzz_grpc(rng: random.Random, n: int, timeout_s: float) -> Tally:
     from concurrent.futures import ThreadPoolExecutor
 
-    tally, payloads = Tally("servicer"), update_payloads(rng, 1)
+    tally, sources = Tally("servicer"), update_sources(rng)
     rig = ServicerRig(SPEC)
     recorder = Recorder(rig.servicer)
     server = grpc.server(ThreadPoolExecutor(max_workers=2))
@@ -260,24 +301,26 @@ def fuzz_grpc(rng: random.Random, n: int, timeout_s: float) -> Tally:
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     push = push_call(channel)
 
-    def call(chunks: list[bytes]) -> str:
+    def call(chunks: list[bytes], metadata: list[tuple[str, Any]]) -> str:
         recorder.escaped = None
         try:
-            reply = push(iter(chunks), timeout=timeout_s)
-            outcome = "duplicate" if reply.duplicate else "accepted"
+            reply = push(iter(chunks), timeout=timeout_s, metadata=metadata)
+            outcome = "duplicate" if reply.duplicate else "accepted" if reply.accepted else "rejected"
         except grpc.RpcError as err:
             outcome = f"aborted:{err.code().name}"
+            rig.last_abort = err.details() or ""
         if recorder.escaped is not None:
             raise recorder.escaped
         return outcome
 
     try:
         for _ in range(n):
-            kind, chunks = hostile_stream(rng, rig, rng.choice(payloads), tiny_chunks=False)
-            tally.run(kind, b"|".join(chunks[:3]), lambda: rig.push(chunks, call), timeout_s)
+            kind, chunks, metadata = hostile_stream(rng, rig, rig.update(*rng.choice(sources)), tiny_chunks=False, wire_safe=True)
+            tally.run(kind, _describe_call(metadata, chunks), checked(rig, lambda: rig.push(chunks, call, metadata)), timeout_s)
     finally:
         channel.close()
         server.stop(None)
+        rig.close()
     tally.outcomes["decoded_by_engine"] = rig.decoded
     return tally
 
@@ -337,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown target {name!r}: decoder, downlink, servicer or grpc")
         targets[name] = dict(tally.summary(), ok=tally.ok, elapsed_s=time.perf_counter() - t0)
         print(f"{name}: {tally.inputs} inputs, {sum(tally.foreign.values())} foreign, "
-              f"{sum(tally.safety_net.values())} safety-net, {tally.hangs} hangs, max {max(tally.times):.3f} s", flush=True)
+              f"{sum(tally.safety_net.values())} safety-net, {sum(tally.catch_all.values())} INTERNAL, {tally.hangs} hangs, max {max(tally.times):.3f} s", flush=True)
     unchanged = (model_hash(params), model_hash(client_model)) == hashes
     ok = unchanged and all(t["ok"] for t in targets.values())
     result = {

@@ -1,42 +1,51 @@
-"""Drive `FederationServicer.PushUpdate` in process with hostile chunk streams.
+"""Drive `FederationServicer.PushUpdate` in process with hostile calls: metadata and chunk streams.
 
-`ServicerRig` builds a real servicer over a real `GrpcTransport` (one client, ``aws``,
-registered through `Register`) and a `FakeContext` whose `abort` raises `Aborted`, as
-grpc's own context does. `push(chunks)` opens a fresh round for the client, feeds the
-raw chunk bytes as the request stream (the server's PushUpdate deserializer is the
-identity, so these are exactly the bytes a peer could send) and then plays the engine:
-every result the servicer queued is decoded with `decode_payload(views=True)` as the
-engine does, and released. It returns the outcome kind; anything the servicer or the
-decoder raises that is neither a skyfed error nor an abort is re-raised to the caller.
+`ServicerRig` builds a real servicer over a real `GrpcTransport` with two clients, ``aws``
+and ``gcp``, both registered through `Register` with their token in the call metadata,
+as `runtime/grpc/client.py` does. `FakeContext` stands for `grpc.ServicerContext`: it
+carries the call's metadata and peer, and its `abort` raises `Aborted`, as grpc's own
+context does. `push(chunks, metadata)` opens a fresh round for ``aws``, feeds the raw
+chunk bytes as the request stream (the server's PushUpdate deserializer is the
+identity, so these are exactly the bytes a peer could send) under that metadata
+(default: aws's protocol version, name and session) and then plays the engine: every
+result the servicer queued is decoded with `decode_payload(views=True)` as the engine
+does, and released. It returns the outcome; anything the servicer or the decoder
+raises that is neither a skyfed error nor an abort is re-raised to the caller.
 
-`hostile_stream(rng, payload)` builds a mutated stream: header fields with wrong values
-(sizes, versions, names, sessions, rounds, deep or non-finite meta_json, NaN losses),
-bad framing (no header, two headers, garbage messages, short or long data) and
-payloads mutated by `wire_mutations`.
+`hostile_stream(rng, rig, payload)` builds a mutated call: metadata with a missing,
+garbage or foreign version, name or session, repeated keys, binary and huge values;
+header fields with wrong values (names, rounds, deep or non-finite meta_json, NaN
+losses, negative or huge sizes and token counts); bad framing (no header, two headers,
+garbage messages, short or long data) and payloads mutated by `wire_mutations`.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import grpc
+import torch
 
-from skyfed.compression.payload import decode_payload
+from skyfed.compression.chain import Chain
+from skyfed.compression.payload import decode_payload, encode_payload
 from skyfed.compression.wire import TensorSpec
 from skyfed.errors import SkyfedError
 from skyfed.federation.messages import TrainTask
 from skyfed.runtime.grpc import PROTOCOL_VERSION
 from skyfed.runtime.grpc import skyfed_pb2 as pb
+from skyfed.runtime.grpc.auth import META_NAME, META_PROTOCOL, META_SESSION, META_TOKEN, call_metadata
 from skyfed.runtime.grpc.rawchunks import encode_data_chunk
 from skyfed.runtime.grpc.servicer import FederationServicer
-from skyfed.runtime.grpc.transport import GrpcTransport
+from skyfed.runtime.grpc.transport import GrpcTransport, Verdict
 from wire_mutations import HOSTILE_TOKENS, mutate
 
-TOKEN = "aws-secret-token"
+TOKENS = {"aws": "aws-secret-token", "gcp": "gcp-secret-token"}
+TOKEN = TOKENS["aws"]
 MAX_UPDATE_BYTES = 1 << 20
 CHUNK = 4096
+Metadata = list[tuple[str, Any]]
 
 
 class Aborted(Exception):
@@ -48,45 +57,49 @@ class Aborted(Exception):
 
 
 class FakeContext:
-    """The parts of `grpc.ServicerContext` a servicer uses, for in-process calls."""
+    """The parts of `grpc.ServicerContext` the servicer uses, for in-process calls."""
 
-    def __init__(self, peer: str = "ipv4:127.0.0.1:50000"):
+    def __init__(self, metadata: Iterable[tuple[str, Any]] = (), peer: str = "ipv4:127.0.0.1:50000"):
+        self._metadata = tuple(metadata)
         self._peer = peer
-        self.code: grpc.StatusCode | None = None
+        self._code: grpc.StatusCode | None = None
+        self.cancelled = False
+        self.callbacks: list[Any] = []
+
+    def invocation_metadata(self) -> tuple:
+        return self._metadata
 
     def peer(self) -> str:
         return self._peer
 
+    def auth_context(self) -> dict:
+        return {}  # no TLS
+
     def abort(self, code: grpc.StatusCode, details: str) -> None:
-        self.code = code
+        self._code = code
         raise Aborted(code, details)
 
     def abort_with_status(self, status: Any) -> None:
-        raise Aborted(status.code, status.details)
+        self.abort(status.code, status.details)
 
-    def invocation_metadata(self) -> tuple:
-        return ()
+    def add_callback(self, callback: Any) -> bool:
+        self.callbacks.append(callback)
+        return True
 
-    def auth_context(self) -> dict:
-        return {}
-
-    def peer_identities(self) -> None:
-        return None
-
-    def peer_identity_key(self) -> None:
-        return None
+    def is_active(self) -> bool:
+        return not self.cancelled
 
     def time_remaining(self) -> float:
         return 30.0
 
-    def is_active(self) -> bool:
-        return True
+    def cancel(self) -> None:
+        self.cancelled = True
 
-    def add_callback(self, callback: Any) -> bool:
-        return True
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
 
     def set_code(self, code: grpc.StatusCode) -> None:
-        self.code = code
+        self._code = code
 
     def set_details(self, details: str) -> None:
         pass
@@ -103,7 +116,7 @@ class _RigTransport(GrpcTransport):
 
     rig: "ServicerRig"
 
-    def wait_released(self, client: str, round: int, timeout_s: float) -> bool:
+    def wait_released(self, client: str, round: int, timeout_s: float) -> Verdict:
         self.rig.drain()
         return super().wait_released(client, round, 0.0)
 
@@ -113,15 +126,31 @@ class ServicerRig:
         self.spec = spec
         self.transport = _RigTransport(["aws", "gcp"])
         self.transport.rig = self
-        self.servicer = FederationServicer(
-            self.transport, "model: {}\n", {}, {"aws": TOKEN, "gcp": "gcp-secret-token"}, MAX_UPDATE_BYTES, CHUNK
-        )
-        reply = self.servicer.Register(
-            pb.RegisterRequest(protocol_version=PROTOCOL_VERSION, name="aws", token=TOKEN, num_tokens=1000), FakeContext()
-        )
-        self.session = reply.session_id
+        self.servicer = FederationServicer(self.transport, "model: {}\n", {}, dict(TOKENS), MAX_UPDATE_BYTES, CHUNK)
+        self.sessions = {name: self._register(name) for name in TOKENS}
+        self.session = self.sessions["aws"]
         self.round = 0
         self.decoded = 0  # updates the engine side decoded successfully
+        self.last_abort = ""  # the details of the last abort (INTERNAL names the exception the catch-all caught)
+
+    def _register(self, name: str) -> str:
+        request = pb.RegisterRequest(protocol_version=PROTOCOL_VERSION, name=name, num_tokens=1000)
+        context = FakeContext(call_metadata(PROTOCOL_VERSION, name, token=TOKENS[name]))
+        reply = self.servicer.Register(iter([request.SerializeToString()]), context)
+        assert reply.session_id, "the rig's own registration was refused"
+        return reply.session_id
+
+    def close(self) -> None:
+        self.servicer.close()
+
+    def metadata(self) -> Metadata:
+        """What aws's client sends with every PushUpdate."""
+        return call_metadata(PROTOCOL_VERSION, "aws", session=self.session)
+
+    def update(self, tensors: dict[str, torch.Tensor], chain: Chain | None = None) -> bytes:
+        """A valid update payload for the round `push` opens next (the servicer checks the
+        payload's own kind, round, client and base version against the push)."""
+        return encode_payload(tensors, chain, kind="update", round=self.round, client="aws", base_version=0)
 
     def header(self, payload_bytes: int, **fields: Any) -> pb.UpdateHeader:
         values = dict(
@@ -131,18 +160,27 @@ class ServicerRig:
         values.update(fields)
         return pb.UpdateHeader(**values)
 
-    def push(self, chunks: list[bytes], call: Callable[[list[bytes]], str] | None = None) -> str:
-        """One PushUpdate call on the current round; 'accepted', 'duplicate' or 'aborted:CODE'.
+    def push(
+        self,
+        chunks: Iterable[bytes],
+        call: Callable[[list[bytes], Metadata], str] | None = None,
+        metadata: Metadata | None = None,
+    ) -> str:
+        """One PushUpdate call on the current round: 'accepted', 'rejected' (by the engine),
+        'duplicate' or 'aborted:CODE'.
 
-        `call` sends the chunks another way (a real gRPC channel) and returns the same
-        strings. Exceptions other than `Aborted` and `SkyfedError` propagate."""
+        `metadata` None: aws's own. `call` sends the chunks another way (a real gRPC
+        channel) and returns the same strings. Exceptions other than `Aborted` and
+        `SkyfedError` propagate."""
         self.transport.send("aws", TrainTask(self.round, 0, b"", 1))
+        metadata = self.metadata() if metadata is None else metadata
         try:
             if call is not None:
-                return call(chunks)
-            reply = self.servicer.PushUpdate(iter(chunks), FakeContext())
-            return "duplicate" if reply.duplicate else "accepted"
+                return call(list(chunks), metadata)
+            reply = self.servicer.PushUpdate(iter(chunks), FakeContext(metadata))
+            return "duplicate" if reply.duplicate else "accepted" if reply.accepted else "rejected"
         except Aborted as exc:
+            self.last_abort = exc.details
             return f"aborted:{exc.code.name}"
         finally:
             self.drain()
@@ -214,13 +252,79 @@ def _garbage(rng: random.Random) -> bytes:
     ])
 
 
+_VERSIONS = ["", "1", "3", "0", "-2", "02", " 2", "2 ", "+2", "2.0", "x", "9" * 5000, str(2**64), "\u0662"]
+_NAMES = ["", "gcp", "oracle", "AWS", "aws ", "aws\x00", "a" * 100_000, "\u00e9\u4e2d", "../../etc/passwd"]
+
+
+def _wire_safe(value: Any) -> bool:
+    """What a real gRPC client can send as a text metadata value (printable ASCII)."""
+    return isinstance(value, str) and all(" " <= c <= "~" for c in value)
+
+
+def hostile_metadata(rng: random.Random, rig: ServicerRig, wire_safe: bool = False) -> tuple[str, Metadata]:
+    """(what was changed, metadata) of one mutated PushUpdate call from aws; `wire_safe`
+    keeps values a real gRPC client can send (printable ASCII text, lower-case keys)."""
+    meta = dict(rig.metadata())
+    sessions = [rig.sessions["gcp"], rig.session + "x", rig.session[:-1], rig.session.upper(), "", "x" * 100_000,
+                rig.session + "\x00"]
+    kind = rng.choice(["drop", "version", "name", "session", "name_and_session", "repeated", "binary", "huge",
+                       "many_keys", "token_instead"])
+    extra: Metadata = []
+    if kind == "drop":
+        del meta[rng.choice([META_PROTOCOL, META_NAME, META_SESSION])]
+    elif kind == "version":
+        meta[META_PROTOCOL] = rng.choice(_VERSIONS)
+    elif kind == "name":
+        meta[META_NAME] = rng.choice(_NAMES)
+    elif kind == "session":
+        meta[META_SESSION] = rng.choice(sessions)
+    elif kind == "name_and_session":  # gcp's valid identity on a push that names aws in its header
+        meta[META_NAME], meta[META_SESSION] = "gcp", rig.sessions["gcp"]
+    elif kind == "repeated":  # a bad value first (the server reads the first), or after the good one
+        key = rng.choice([META_PROTOCOL, META_NAME, META_SESSION])
+        bad = rng.choice({META_PROTOCOL: _VERSIONS, META_NAME: _NAMES, META_SESSION: sessions}[key])
+        items = list(meta.items())
+        i = next(j for j, (k, _) in enumerate(items) if k == key)
+        items.insert(i + rng.randint(0, 1), (key, bad))
+        return f"metadata/{kind}", [kv for kv in items if not wire_safe or _wire_safe(kv[1])]
+    elif kind == "binary":
+        key = rng.choice([META_PROTOCOL, META_NAME, META_SESSION])
+        if wire_safe:  # the key moved to a binary one: the text key is missing
+            extra.append((key + "-bin", meta.pop(key).encode()))
+        else:
+            meta[key] = str(meta[key]).encode()  # bytes where text is expected
+    elif kind == "huge":
+        key = rng.choice([META_PROTOCOL, META_NAME, META_SESSION, "x-padding"])
+        meta[key] = rng.choice(["7" * 100_000, "a" * 20_000, rig.session * 1000])
+    elif kind == "many_keys":
+        extra.extend((f"x-k{i}", "v" * 10) for i in range(rng.choice([100, 1000])))
+    else:
+        meta[META_TOKEN] = TOKEN  # the token is for Register; a push must carry the session
+        if rng.random() < 0.5:
+            del meta[META_SESSION]
+    items = list(meta.items()) + extra
+    if wire_safe:
+        items = [(k, v) for k, v in items if k.endswith("-bin") or _wire_safe(v)]
+    return f"metadata/{kind}", items
+
+
 def hostile_stream(
-    rng: random.Random, rig: ServicerRig, payload: bytes, meta: bool = True, tiny_chunks: bool = True
-) -> tuple[str, list[bytes]]:
-    """(what was changed, chunk bytes) of one mutated PushUpdate stream carrying `payload`;
-    `meta=False` leaves meta_json alone; `tiny_chunks=False` keeps data chunks of 1000
-    bytes or more (tens of thousands of 1-byte messages take seconds over real gRPC)."""
-    kind = rng.choice(["header", "header", "framing", "payload", "payload", "payload_resized", "mixed"])
+    rng: random.Random, rig: ServicerRig, payload: bytes, meta: bool = True, tiny_chunks: bool = True,
+    metadata: bool = True, wire_safe: bool = False,
+) -> tuple[str, list[bytes], Metadata]:
+    """(what was changed, chunk bytes, call metadata) of one mutated PushUpdate call carrying
+    `payload`; `meta=False` leaves meta_json alone; `tiny_chunks=False` keeps data chunks
+    of 1000 bytes or more (tens of thousands of 1-byte messages take seconds over real
+    gRPC); `metadata=False` keeps aws's own metadata; `wire_safe`: metadata values a real
+    gRPC client can send."""
+    kinds = ["header", "header", "framing", "payload", "payload", "payload_resized", "mixed"]
+    kind = rng.choice(kinds + (["metadata", "metadata"] if metadata else []))
+    call_meta = rig.metadata()
+    if kind == "metadata" or (kind == "mixed" and metadata and rng.random() < 0.3):
+        what, call_meta = hostile_metadata(rng, rig, wire_safe)
+        if kind == "metadata":
+            chunks = [pb.UpdateChunk(header=rig.header(len(payload))).SerializeToString(), *_data_chunks(rng, payload, tiny_chunks)]
+            return what, chunks, call_meta
     if kind in ("payload", "payload_resized", "mixed"):
         _, payload = mutate(rng, payload)
     announced = len(payload) if kind != "payload" else rng.choice([len(payload), max(1, len(payload) - 3)])
@@ -241,4 +345,4 @@ def hostile_stream(
                 chunks.append(encode_data_chunk(rng.randbytes(rng.randint(0, 32))))  # more than announced
             else:
                 chunks = chunks[:1]  # header only
-    return kind, chunks
+    return kind, chunks, call_meta

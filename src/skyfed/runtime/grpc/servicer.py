@@ -44,6 +44,7 @@ from urllib.parse import unquote
 import grpc
 from google.protobuf.message import DecodeError
 
+from skyfed.compression import strictjson
 from skyfed.compression.wire import TensorSpec, read_header
 from skyfed.errors import AuthError, PayloadTooLargeError, SkyfedError, WireFormatError
 from skyfed.federation.messages import ClientResult, TrainTask
@@ -190,6 +191,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             self._check_version(meta.get(META_PROTOCOL))
             name = meta.get(META_NAME, "")
             if name not in self.transport.clients:
+                name = _shown(name)  # not a client: only quoted in the refusal, cut short
                 if method != "Register":
                     self._check_session(name, "")
                 if self.tokens is not None:  # the same answer as a wrong token: names are not enumerable
@@ -236,7 +238,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         if version != PROTOCOL_VERSION:
             raise Refusal(
                 Code.FAILED_PRECONDITION,
-                f"protocol version {value if value is not None else 'missing'} is not supported: this server speaks "
+                f"protocol version {_shown(value) if value is not None else 'missing'} is not supported: this server speaks "
                 f"skyfed protocol version {PROTOCOL_VERSION}; install a matching skyfed on the client",
             )
 
@@ -322,7 +324,7 @@ class FederationServicer(pb_grpc.FederationServicer):
     @staticmethod
     def _same_name(call: _Call, name: str) -> None:
         if name != call.name:
-            raise Refusal(Code.INVALID_ARGUMENT, f"the request names client {name!r}, but the call is client {call.name!r}'s")
+            raise Refusal(Code.INVALID_ARGUMENT, f"the request names client {_shown(name)!r}, but the call is client {call.name!r}'s")
 
     # ------------------------------------------------------------ RPCs
 
@@ -457,13 +459,18 @@ class FederationServicer(pb_grpc.FederationServicer):
             pass
 
 
+def _shown(text: str, limit: int = 64) -> str:
+    """A client-supplied string as a refusal quotes it: at most `limit` characters."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_payload_header(header: dict[str, Any], h: pb.UpdateHeader, name: str, what: str) -> None:
     """The payload's own header must say what the push says (else: replayed or re-labelled)."""
     expected = {"kind": "update", "round": h.round, "client": name, "base_version": h.base_version}
     for key, want in expected.items():
         got = header.get(key)
         if type(got) is not type(want) or got != want:
-            raise WireFormatError(f"{what}: the payload's header says {key}={got!r}, the push says {want!r} (a replayed or re-labelled update)")
+            raise WireFormatError(f"{what}: the payload's header says {key}={_shown(repr(got))}, the push says {want!r} (a replayed or re-labelled update)")
 
 
 def _parts(item: bytes | pb.UpdateChunk) -> tuple[str | None, object]:
@@ -481,12 +488,11 @@ def _parts(item: bytes | pb.UpdateChunk) -> tuple[str | None, object]:
 
 
 def _meta(text: str, what: str) -> dict:
+    """The push's meta_json under the wire headers' strict rules (`strictjson`: bounded
+    nesting, no NaN/Infinity, 64-bit integers, unique keys); a non-object is dropped."""
     if not text:
         return {}
     if len(text) > MAX_META_JSON:
         raise WireFormatError(f"{what}: meta_json of {len(text)} characters (at most {MAX_META_JSON})")
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
-        raise WireFormatError(f"{what}: meta_json is not valid JSON") from None
+    value = strictjson.loads(text.encode("utf-8", "surrogatepass"), f"{what}: meta_json")
     return value if isinstance(value, dict) else {}
