@@ -140,7 +140,7 @@ def test_front_door_refusals_while_others_train(procs, tmp_path):
     pid = procs.pid("server")
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     before = _vm(pid, "VmRSS")
-    huge = pb.UpdateHeader(round=0, base_version=task.task.version, num_tokens=1000, payload_bytes=2 * 2**30)
+    huge = pb.UpdateHeader(round=0, base_version=task.task.version, num_tokens=100, payload_bytes=2 * 2**30)
     results: list[grpc.RpcError] = []
 
     def announce():
@@ -167,7 +167,7 @@ def test_front_door_refusals_while_others_train(procs, tmp_path):
     zeros = {n: torch.zeros_like(t) for n, t in params.items()}
     v1 = task.task.version
     good = encode_payload(zeros, kind="update", round=1, client="eve", base_version=v1)
-    header = pb.UpdateHeader(round=1, base_version=v1, num_tokens=1000, train_loss=1.0, payload_bytes=len(good))
+    header = pb.UpdateHeader(round=1, base_version=v1, num_tokens=100, train_loss=1.0, payload_bytes=len(good))
     assert eve.push_raw(header, good).accepted
     assert "one push per round" in _expect(Code.ALREADY_EXISTS, lambda: eve.push_raw(header, good))
 
@@ -176,8 +176,8 @@ def test_front_door_refusals_while_others_train(procs, tmp_path):
     assert task.status == "task" and task.task.round == 2
     v2 = task.task.version
     assert "not open" in _expect(Code.FAILED_PRECONDITION, lambda: eve.push_raw(
-        pb.UpdateHeader(round=7, base_version=v2, num_tokens=1000, payload_bytes=len(good)), good))
-    replay = pb.UpdateHeader(round=2, base_version=v2, num_tokens=1000, train_loss=1.0, payload_bytes=len(good))
+        pb.UpdateHeader(round=7, base_version=v2, num_tokens=100, payload_bytes=len(good)), good))
+    replay = pb.UpdateHeader(round=2, base_version=v2, num_tokens=100, train_loss=1.0, payload_bytes=len(good))
     assert "header says round=1" in _expect(Code.INVALID_ARGUMENT, lambda: eve.push_raw(replay, good))
     while eve.pull().status != "done":
         pass
