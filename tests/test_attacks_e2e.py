@@ -50,7 +50,7 @@ def test_norm_bound_and_loss_filter_contain_a_scaled_update(tmp_path):
 
 @pytest.mark.parametrize("command", ["server"])
 def test_skyfed_server_refuses_an_attack_section(tmp_path, command):
-    proc = run_cli(command, "--preset", "smoke", "--insecure", "--listen", "127.0.0.1:0", "--out", str(tmp_path / "srv"),
+    proc = run_cli(command, "--preset", "smoke", "--insecure", "--open", "--listen", "127.0.0.1:0", "--out", str(tmp_path / "srv"),
                    "--set", "attack={clients: [gcp], kind: sign_flip}", timeout=120)
     assert proc.returncode == 2
     assert "attack: skyfed server refuses" in proc.stderr and "Traceback" not in proc.stderr

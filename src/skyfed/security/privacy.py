@@ -114,7 +114,7 @@ class PrivacyAccountant:
         out: dict[str, Any] = {"dp_delta": self.dp.delta}
         if self.dp.client_level:
             if record.get("aggregated"):
-                self._release(len(outcome.updates))
+                self._release(len(outcome.accepted))
             out["epsilon_client"] = self.client_epsilon()
             out["dp_rounds"] = self.ledger.runs()
         for client, meta in outcome.meta.items():
