@@ -66,7 +66,7 @@ def test_published_mnist_value_of_tensorflow_privacy():
 
 
 def _outcome(n: int, meta=None):
-    return SimpleNamespace(updates=[object()] * n, meta=meta or {})
+    return SimpleNamespace(accepted=[f"c{i}" for i in range(n)], meta=meta or {})
 
 
 def test_observer_counts_aggregated_rounds_and_missing_noise_shares():
