@@ -12,11 +12,10 @@ with `compression.wire.read_header`); the client is skyfed's `FederationSession.
 accepted the validated update. The TCP baseline sends the same bytes over one socket
 into a preallocated buffer in the same server process (no framing, no checks).
 Memory: the server process runs the production aggregation path: the servicer and
-`GrpcTransport` receive each update, and `Engine.receive_round` (what `run_round` calls:
-`collect`, which validates each update as zero-copy views over its receive buffer and
-folds it into FedAvg's running mean before dropping it, then the strategy's step) makes
-the next global model; only the evaluation and the checkpoint of `run_round` are left
-out. Peak RSS (VmHWM, reset with /proc/self/clear_refs after the TCP copies) is read in
+`GrpcTransport` receive each update, and the engine's `SyncLoop.collect` (what
+`run_round` calls: it validates each update, folds it into FedAvg's running mean and
+publishes the strategy's step) makes the next global model; only the evaluation and the
+checkpoint of `run_round` are left out. Peak RSS (VmHWM, reset with /proc/self/clear_refs after the TCP copies) is read in
 the server process at the end; the delta is over the RSS the server has before the
 first update arrives (imports and the global model included, the running sum not). The
 three clients upload one after the other; each upload in flight at the same time adds
@@ -38,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = ["c0", "c1", "c2"]
+STEPS = 1000  # local steps of the bench's tasks: the token counts it claims stay within them
 
 
 def vm_hwm() -> int:
@@ -73,6 +73,7 @@ def serve(args: argparse.Namespace) -> None:
     from skyfed.federation.engine import Engine
     from skyfed.federation.messages import TrainTask
     from skyfed.federation.strategies import build_strategy
+    from skyfed.federation.window import Window
     from skyfed.metrics import RunDir
     from skyfed.runtime.grpc.rawchunks import add_servicer
     from skyfed.runtime.grpc.security import server_credentials, server_options
@@ -115,7 +116,7 @@ def serve(args: argparse.Namespace) -> None:
     threading.Thread(target=tcp_receiver, daemon=True).start()
     model = torch.nn.Module()
     model.w = torch.nn.Parameter(torch.zeros(args.params), requires_grad=False)
-    evaluator = None  # receive_round does not evaluate
+    evaluator = None  # collect does not evaluate
     engine = Engine(cfg, transport, model, ["w"], build_strategy("fedavg"), evaluator, RunDir(tempfile.mkdtemp()))
     engine.stream_aggregate = not args.buffered
     Path(args.port_file).write_text(json.dumps({"grpc": port, "tcp": tcp.getsockname()[1]}))
@@ -124,11 +125,13 @@ def serve(args: argparse.Namespace) -> None:
     reset_hwm()
     base = vm_rss()
     for round in range(args.rounds):
-        for c in CLIENTS:
-            transport.send(c, TrainTask(round, round, b"", 1))
-        outcome, aggregated, metrics = engine.receive_round(round, CLIENTS)
-        assert aggregated and not outcome.rejected and not outcome.missing, outcome
-        results = [{"client": u.client, "bytes": u.bytes_up, "weight": metrics["weights"][u.client]} for u in outcome.updates]
+        tasks = {c: TrainTask(round, engine.version, b"", STEPS) for c in CLIENTS}
+        for c, task in tasks.items():
+            transport.send(c, task)
+        w = Window(round, list(CLIENTS))
+        waiting = engine.loop.collect(w, tasks)
+        assert w.aggregated and not w.rejected and not waiting, (w.rejected, waiting)
+        results = [{"client": c, "bytes": w.bytes_up[c], "weight": w.extra["weights"][c]} for c in w.accepted]
     peak = vm_hwm()
     print(json.dumps({"baseline_rss": base, "peak_hwm": peak, "peak_delta": peak - base, "folds": results,
                       "streamed": engine.stream_aggregate, "global_mean": float(engine.params["w"].mean())}), flush=True)
