@@ -53,8 +53,20 @@ def decode_payload(
     With `views`, a plain payload (no codecs) is not copied: its tensors are read-only
     views into `data` (`compression.views.blob_views`) that keep `data` alive.
     `max_abs` bounds every decoded value (None: finite only)."""
+    return _guarded(what, lambda: _decode(*read_header(data, max_bytes), expected, what, views, max_abs))
+
+
+def decode_checked(
+    header: dict[str, Any], blob: memoryview, expected: dict[str, TensorSpec], what: str = "payload",
+    views: bool = False, max_abs: float | None = MAX_ABS,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """`decode_payload` of a payload whose framing and CRC-32 `read_header` has checked."""
+    return _guarded(what, lambda: _decode(header, blob, expected, what, views, max_abs))
+
+
+def _guarded(what: str, decode):
     try:
-        return _decode(data, expected, max_bytes, what, views, max_abs)
+        return decode()
     except WireFormatError:
         raise
     except Exception as exc:  # a defect the checks missed: still only a refusal
@@ -64,10 +76,9 @@ def decode_payload(
 
 
 def _decode(
-    data: bytes | memoryview, expected: dict[str, TensorSpec], max_bytes: int | None, what: str, views: bool,
+    header: dict[str, Any], blob: memoryview, expected: dict[str, TensorSpec], what: str, views: bool,
     max_abs: float | None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    header, blob = read_header(data, max_bytes)
     try:
         chain = Chain.from_specs(header.get("codecs", []))
     except WireFormatError as exc:

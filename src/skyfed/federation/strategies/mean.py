@@ -5,7 +5,9 @@ FedAvg (McMahan et al. 2017, arXiv:1602.05629) and the FedOpt family (Reddi et a
 sum_i w_i * delta_i and sum_i w_i, where each w_i is known from the update alone (its
 token count). So the engine adds each validated update into one fp32 accumulator
 (`RunningMean`) as it arrives and drops it: aggregating K updates of N bytes holds the
-N-byte sum, not K x N bytes. `MeanStrategy.aggregate` (a list of updates at once) runs
+N-byte sum, not K x N bytes (a large update received by the gRPC server is folded
+from its spill file slab by slab, `compression/slabs.py`, so not even one whole update
+is held in memory). `MeanStrategy.aggregate` (a list of updates at once) runs
 the same fold, so buffered and streamed rounds do the same arithmetic; only the order
 of the additions follows arrival order.
 """
@@ -29,8 +31,12 @@ class RunningMean:
         self.weights: list[tuple[str, float]] = []  # (client, weight) in fold order
 
     def add(self, update: Update, weight: float) -> None:
-        for name, acc in self.acc.items():
-            acc.add_(update.delta[name], alpha=weight)
+        fold_into = getattr(update.delta, "fold_into", None)
+        if fold_into is not None:  # a spilled update (`compression/slabs.py`): slab by slab
+            fold_into(self.acc, weight)
+        else:
+            for name, acc in self.acc.items():
+                acc.add_(update.delta[name], alpha=weight)
         self.weights.append((update.client, weight))
 
     @property

@@ -2,13 +2,17 @@
 
 The receiver learns the total size from the stream's header, allocates one bytearray
 of exactly that size and copies each chunk into place: no list of chunks, no join,
-so receiving an N-byte payload costs N bytes (plus one chunk in flight).
+so receiving an N-byte payload costs N bytes (plus one chunk in flight). A server that
+spills large updates to disk uses `compression.spill.SpillWriter` instead (the same
+`add` / `finish` / `close`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
+from skyfed.compression.wire import Framed
 from skyfed.errors import WireFormatError
 
 
@@ -31,12 +35,12 @@ def iter_views(payload: bytes | bytearray | memoryview, chunk_bytes: int) -> Ite
 
 
 class Assembler:
-    """Copies announced-size data into one preallocated buffer, checking the framing."""
+    """Copies announced-size data into one preallocated buffer, checking the sizes."""
 
     def __init__(self, size: int, what: str = "payload"):
         if size < 0:
             raise WireFormatError(f"{what}: negative announced size {size}")
-        self.buffer = bytearray(size)
+        self.buffer = Framed(size)
         self._view = memoryview(self.buffer)
         self.size = size
         self.pos = 0
@@ -49,8 +53,12 @@ class Assembler:
         self._view[self.pos : end] = data
         self.pos = end
 
-    def finish(self) -> bytearray:
+    def finish(self, header: dict[str, Any] | None = None, blob_start: int = 0) -> Framed:
+        """The bytes; with the `header` a `FrameReader` checked on the way, marked as checked."""
         if self.pos != self.size:
             raise WireFormatError(f"{self.what}: stream ended after {self.pos} of the announced {self.size} bytes")
         self._view.release()
-        return self.buffer
+        return self.buffer.checked(header, blob_start) if header is not None else self.buffer
+
+    def close(self) -> None:
+        self._view.release()

@@ -80,6 +80,9 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
         raise ConfigError(
             "security.secure_aggregation runs in the simulation; the gRPC server does not carry its set-up stages yet"
         )
+    spill_dir = cfg.federation.spill_dir
+    if spill_dir is not None and not Path(spill_dir).is_dir():
+        raise ConfigError(f"federation.spill_dir={spill_dir!r} is not a directory")
     if cfg.federation.round_timeout_s is None:
         log.warning("federation.round_timeout_s is not set: a round waits for a client that died until it comes back")
     names = [c.name for c in cfg.federation.clients]
@@ -128,6 +131,8 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
         for monitor in monitors:  # round-level gauges
             run.engine.observers.insert(0, monitor)
         servicers[0].limit_update_size(run.engine.core.spec, cfg.compression.uplink)  # no allocation beyond it
+        if run.engine.core.streaming:  # large updates wait in a file, not in memory, until folded
+            transport.spill_min_bytes, transport.spill_dir = cfg.federation.spill_min_bytes, cfg.federation.spill_dir
         log.info("waiting for clients %s", names)
         ready = transport.wait_for_clients(cfg.federation.min_clients, opts.join_timeout_s)
         log.info("clients ready: %s; starting at round %d", ready, run.engine.next_round)

@@ -45,7 +45,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from skyfed.compression import strictjson
-from skyfed.compression.wire import TensorSpec, read_header
+from skyfed.compression.framing import FrameReader
+from skyfed.compression.wire import TensorSpec
 from skyfed.errors import AuthError, PayloadTooLargeError, SkyfedError, WireFormatError
 from skyfed.federation.messages import ClientResult, TrainTask
 from skyfed.runtime.grpc import PROTOCOL_VERSION, skyfed_pb2 as pb
@@ -54,7 +55,7 @@ from skyfed.runtime.grpc.auth import (
     META_NAME, META_PROTOCOL, META_SESSION, META_TOKEN, check_certificate, check_token, metadata_dict,
     new_session_id, same_secret,
 )
-from skyfed.runtime.grpc.chunks import Assembler, iter_views
+from skyfed.runtime.grpc.chunks import iter_views
 from skyfed.runtime.grpc.limits import CallBounds, CallLimits, LimitExceeded, Ticket, Watchdog
 from skyfed.runtime.grpc.monitor import NO_MONITOR
 from skyfed.runtime.grpc.rawchunks import data_of, encode_data_chunk
@@ -427,28 +428,33 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.monitor.update_received(name, round, h.payload_bytes)
         return pb.PushReply(accepted=True, message=f"round {round} update received")
 
-    def _receive(self, call: _Call, request_iterator: Iterator[bytes], h: pb.UpdateHeader, what: str) -> bytearray:
-        """The update's bytes in one preallocated buffer; framing, CRC-32 and header checked."""
-        buf = Assembler(h.payload_bytes, what)
-        while True:
-            call.ticket.waiting()
-            try:
-                item = next(request_iterator, None)
-            finally:
-                call.ticket.done_waiting()
-            if item is None:
-                break
-            kind, data = _parts(item)
-            if kind != "data":
-                raise WireFormatError(f"{what}: a second header inside the stream")
-            buf.add(data)
-        payload = buf.finish()
+    def _receive(self, call: _Call, request_iterator: Iterator[bytes], h: pb.UpdateHeader, what: str):
+        """The update's bytes (in memory, or spilled to a file when large: `GrpcTransport.receive_buffer`),
+        framing, sizes, CRC-32 and header checked as the chunks arrive (`FrameReader`): the
+        engine's decode does not check the CRC again."""
+        frame = FrameReader(h.payload_bytes, self.update_limit, what)
+        buf = self.transport.receive_buffer(h.payload_bytes, what)
         try:
-            header, _ = read_header(payload, self.update_limit)  # framing, sizes, CRC-32
-        except WireFormatError as exc:
-            raise type(exc)(f"{what}: {exc}") from None
-        _check_payload_header(header, h, call.name, what)
-        return payload
+            while True:
+                call.ticket.waiting()
+                try:
+                    item = next(request_iterator, None)
+                finally:
+                    call.ticket.done_waiting()
+                if item is None:
+                    break
+                kind, data = _parts(item)
+                if kind != "data":
+                    raise WireFormatError(f"{what}: a second header inside the stream")
+                frame.feed(data)
+                buf.add(data)
+                del item, data  # not held while the next chunk arrives
+            header = frame.finish()
+            _check_payload_header(header, h, call.name, what)
+            return buf.finish(header, frame.blob_start)
+        except BaseException:
+            buf.close()
+            raise
 
     def _record_refusal(self, result: ClientResult, reason: str) -> None:
         """Tell the engine (the round must not wait for this client); drop the payload."""
