@@ -3,7 +3,7 @@ gRPC path, against a plain TCP socket copy and a TLS socket copy of the same byt
 loopback, in the same run; and the server's peak memory while receiving and aggregating
 3 such updates, fp32 and int8.
 
-    PYTHONPATH=src python bench/transport.py --out bench/results/transport.json   # 100M params, 4 MiB chunks
+    PYTHONPATH=src python bench/transport.py --out bench/results/transport.json   # 100M params, 1 MiB chunks
     PYTHONPATH=src python bench/transport.py --params 10000000 --out /tmp/t.json  # quicker
 
 The server is a subprocess running skyfed's real servicer (`FederationServicer` +
@@ -12,7 +12,7 @@ framing and CRC-32 checked as the chunks arrive, an update of at least
 `federation.spill_min_bytes` received into a spill file) and the engine's
 `SyncLoop.collect` with FedAvg (validate each update, fold it into the running mean,
 publish the step; only the evaluation and the checkpoint of `run_round` are left out).
-The client is skyfed's `FederationSession.push_raw` (4 MiB chunks). The gRPC time runs
+The client is skyfed's `FederationSession.push_raw` (chunks of skyfed server's default size). The gRPC time runs
 from the first byte sent until the server has answered the push: the update is then
 received, checked in full (framing, CRC-32, names, shapes, values) and taken into the
 round (its fold into the running sum runs after the answer, while the next upload
@@ -255,7 +255,7 @@ def socket_copy(port: int, payload: bytes, ca: Path | None) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--params", type=int, default=100_000_000)
-    p.add_argument("--chunk-mib", type=float, default=4.0)
+    p.add_argument("--chunk-mib", type=float, help="stream chunk size (default: skyfed server's)")
     p.add_argument("--repeats", type=int, default=2, help="transfers per path; the best is reported")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "transport.json"))
     p.add_argument("--modes", default="insecure,tls,int8", help="which of insecure, tls, int8 to run")
@@ -267,6 +267,10 @@ def main() -> None:
     p.add_argument("--certs", help=argparse.SUPPRESS)
     p.add_argument("--rounds", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.chunk_mib is None:
+        from skyfed.runtime.grpc import DEFAULT_CHUNK_BYTES
+
+        args.chunk_mib = DEFAULT_CHUNK_BYTES / 2**20
     if args.serve:
         return serve(args)
 

@@ -27,6 +27,7 @@ from skyfed.compression.spill import SpilledPayload
 from skyfed.compression.views import Entry, blob_layout, layout_head_bytes
 from skyfed.compression.wire import MAX_ABS, TensorSpec, check_specs, value_error
 from skyfed.errors import WireFormatError
+from skyfed.heap import release_free_memory
 
 SLAB_VALUES = 1 << 20
 
@@ -162,7 +163,9 @@ class SlabDelta(Mapping):
         return len(self.expected)
 
     def close(self) -> None:
+        """Drop the buffers and the spill file, and give the freed memory back."""
         self._buffers.clear()
         if isinstance(self.payload, SpilledPayload):
             self.payload.close()
         self.payload = b""
+        release_free_memory()

@@ -9,7 +9,9 @@ spills large updates to disk uses `compression.spill.SpillWriter` instead (the s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from skyfed.compression.wire import Framed
@@ -62,3 +64,43 @@ class Assembler:
 
     def close(self) -> None:
         self._view.release()
+
+
+class Pipeline:
+    """Hands each received chunk to `consume` on a helper thread, at most `depth` chunks
+    behind, so the gRPC thread takes the next message while the last one is checked and
+    stored (`zlib.crc32` and `os.write` release the GIL: the two overlap on two cores).
+    The first error `consume` raises comes back from the next `put` or from `finish`."""
+
+    def __init__(self, consume: Callable[[memoryview], None], depth: int = 4):
+        self.consume = consume
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._thread = threading.Thread(target=self._run, name="skyfed-chunks", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self.error is None:  # after an error, drain without consuming
+                try:
+                    self.consume(chunk)
+                except BaseException as exc:  # handed to the receiving thread
+                    self.error = exc
+            del chunk
+
+    def put(self, chunk: memoryview) -> None:
+        if self.error is not None:
+            raise self.error
+        self._queue.put(chunk)
+
+    def finish(self) -> None:
+        """Wait until every chunk is consumed; raise the first error."""
+        self._queue.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        self.error = self.error or RuntimeError("aborted")
+        self._queue.put(None)
+        self._thread.join()

@@ -31,7 +31,7 @@ def add_commands(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/NAME-TIME)"),
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last complete round"),
         join_timeout: float = typer.Option(300.0, "--join-timeout", help="seconds to wait for every client before starting with a quorum (federation.min_clients)"),
-        chunk_mib: float = typer.Option(4.0, "--chunk-mib", help="stream chunk size in MiB"),
+        chunk_mib: float = typer.Option(1.0, "--chunk-mib", help="stream chunk size in MiB"),
         metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics and a status page (/) on this port (needs prometheus-client)"),
         metrics_bind: str = typer.Option("127.0.0.1", "--metrics-bind", help="address for --metrics-port (0.0.0.0: every interface)"),
         metrics_linger: float = typer.Option(0.0, "--metrics-linger", help="keep serving metrics this many seconds after the run is over"),

@@ -49,13 +49,14 @@ from skyfed.compression.framing import FrameReader
 from skyfed.compression.wire import TensorSpec
 from skyfed.errors import AuthError, PayloadTooLargeError, SkyfedError, WireFormatError
 from skyfed.federation.messages import ClientResult, TrainTask
+from skyfed.heap import release_free_memory
 from skyfed.runtime.grpc import PROTOCOL_VERSION, skyfed_pb2 as pb
 from skyfed.runtime.grpc import skyfed_pb2_grpc as pb_grpc
 from skyfed.runtime.grpc.auth import (
     META_NAME, META_PROTOCOL, META_SESSION, META_TOKEN, check_certificate, check_token, metadata_dict,
     new_session_id, same_secret,
 )
-from skyfed.runtime.grpc.chunks import iter_views
+from skyfed.runtime.grpc.chunks import Pipeline, iter_views
 from skyfed.runtime.grpc.limits import CallBounds, CallLimits, LimitExceeded, Ticket, Watchdog
 from skyfed.runtime.grpc.monitor import NO_MONITOR
 from skyfed.runtime.grpc.rawchunks import data_of, encode_data_chunk
@@ -414,7 +415,10 @@ class FederationServicer(pb_grpc.FederationServicer):
                 raise PayloadTooLargeError(f"{what}: {h.payload_bytes} bytes exceeds the limit: {self.update_limit_why}")
             if h.payload_bytes <= 0:
                 raise WireFormatError(f"{what}: announced size {h.payload_bytes} is not positive")
-            result.payload = self._receive(call, request_iterator, h, what)
+            try:
+                result.payload = self._receive(call, request_iterator, h, what)
+            finally:
+                release_free_memory()  # the chunks' memory, kept by this thread's arena
         call.pending = None
         self.transport.submit(result)
         del result  # the engine owns the payload now (this thread holds no other reference)
@@ -430,10 +434,16 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def _receive(self, call: _Call, request_iterator: Iterator[bytes], h: pb.UpdateHeader, what: str):
         """The update's bytes (in memory, or spilled to a file when large: `GrpcTransport.receive_buffer`),
-        framing, sizes, CRC-32 and header checked as the chunks arrive (`FrameReader`): the
-        engine's decode does not check the CRC again."""
+        framing, sizes, CRC-32 and header checked as the chunks arrive (`FrameReader`, on a
+        helper thread: `Pipeline`): the engine's decode does not check the CRC again."""
         frame = FrameReader(h.payload_bytes, self.update_limit, what)
         buf = self.transport.receive_buffer(h.payload_bytes, what)
+
+        def consume(data: memoryview) -> None:
+            frame.feed(data)
+            buf.add(data)
+
+        pipe = Pipeline(consume)
         try:
             while True:
                 call.ticket.waiting()
@@ -446,13 +456,14 @@ class FederationServicer(pb_grpc.FederationServicer):
                 kind, data = _parts(item)
                 if kind != "data":
                     raise WireFormatError(f"{what}: a second header inside the stream")
-                frame.feed(data)
-                buf.add(data)
-                del item, data  # not held while the next chunk arrives
+                pipe.put(data)
+                del item, data  # not held here while the next chunk arrives
+            pipe.finish()
             header = frame.finish()
             _check_payload_header(header, h, call.name, what)
             return buf.finish(header, frame.blob_start)
         except BaseException:
+            pipe.abort()
             buf.close()
             raise
 
