@@ -7,9 +7,10 @@ loopback, in the same run; and the server's peak memory while receiving and aggr
     PYTHONPATH=src python bench/transport.py --params 10000000 --out /tmp/t.json  # quicker
 
 The server is a subprocess running skyfed's real servicer (`FederationServicer` +
-`GrpcTransport` with the channel options of `runtime/grpc/security.py`: header checks,
-framing and CRC-32 checked as the chunks arrive, an update of at least
-`federation.spill_min_bytes` received into a spill file) and the engine's
+`GrpcTransport` with the channel options of `runtime/grpc/security.py`: header checks;
+framing, CRC-32 and a plain update's tensors and values checked as the chunks arrive,
+on a helper thread; an update of at least `federation.spill_min_bytes` received into a
+spill file) and the engine's
 `SyncLoop.collect` with FedAvg (validate each update, fold it into the running mean,
 publish the step; only the evaluation and the checkpoint of `run_round` are left out).
 The client is skyfed's `FederationSession.push_raw` (chunks of skyfed server's default size). The gRPC time runs
@@ -112,7 +113,8 @@ def serve(args: argparse.Namespace) -> None:
     evaluator = None  # collect does not evaluate
     engine = Engine(cfg, transport, model, ["w"], build_strategy("fedavg"), evaluator, RunDir(tempfile.mkdtemp()))
     engine.stream_aggregate = not args.buffered
-    if engine.stream_aggregate:  # as `run_server` does
+    transport.blob_check = engine.core.blob_check  # as `run_server` does
+    if engine.stream_aggregate:
         transport.spill_min_bytes, transport.spill_dir = cfg.federation.spill_min_bytes, cfg.federation.spill_dir
     ports = {"grpc": port, "tcp": tcp.getsockname()[1], "tls": tls.getsockname()[1] if tls is not None else None}
     Path(args.port_file).write_text(json.dumps(ports))

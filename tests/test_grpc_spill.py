@@ -56,6 +56,7 @@ def server(tmp_path):
     engine = Engine(cfg, transport, _Model(), list(SPEC), build_strategy("fedavg"), None, RunDir(tmp_path / "run"))
     assert engine.core.streaming
     transport.spill_min_bytes, transport.spill_dir = 0, str(spill)  # every update goes through a spill file
+    transport.blob_check = engine.core.blob_check  # as `run_server` sets it: plain updates checked on arrival
     sessions = {c: FederationSession(ClientOptions(f"127.0.0.1:{port}", c, insecure=True), CHUNK) for c in CLIENTS}
     for c, s in sessions.items():
         s.register(TOKENS[c])

@@ -17,6 +17,7 @@ from skyfed.compression.framing import FrameReader
 from skyfed.compression.payload import decode_payload, encode_payload
 from skyfed.compression.slabs import SlabDelta, sliceable
 from skyfed.compression.spill import SpilledPayload, SpillWriter
+from skyfed.compression.streamcheck import BlobCheck
 from skyfed.compression.wire import FORMAT_VERSION, MAGIC, Framed, TensorSpec, read_header
 from skyfed.errors import WireFormatError
 from skyfed.federation.messages import ClientResult
@@ -42,9 +43,9 @@ def _payload(delta, chain=None, **header) -> bytes:
     return encode_payload(delta, Chain.from_specs(chain) if chain else None, **header)
 
 
-def _receive(payload: bytes, chunk: int, spill_dir=None) -> Framed | SpilledPayload:
+def _receive(payload: bytes, chunk: int, spill_dir=None, blob_check=None) -> Framed | SpilledPayload:
     """What the servicer does: frame check and store, chunk by chunk."""
-    frame = FrameReader(len(payload), what="update from c0")
+    frame = FrameReader(len(payload), what="update from c0", blob_check=blob_check)
     buf = SpillWriter(len(payload), spill_dir) if spill_dir is not None else None
     framed = Framed(len(payload))
     for i in range(0, len(payload), chunk):
@@ -54,7 +55,9 @@ def _receive(payload: bytes, chunk: int, spill_dir=None) -> Framed | SpilledPayl
             buf.add(piece)
         framed[i : i + len(piece)] = piece
     header = frame.finish()
-    return buf.finish(header, frame.blob_start) if buf is not None else framed.checked(header, frame.blob_start)
+    if buf is not None:
+        return buf.finish(header, frame.blob_start, frame.verdict)
+    return framed.checked(header, frame.blob_start, frame.verdict)
 
 
 def _mangle(payload: bytes, at: int, value: bytes) -> bytes:
@@ -121,6 +124,58 @@ def test_a_payload_checked_on_arrival_is_not_crc_checked_again(monkeypatch):
     got = core.accept(ClientResult("c0", 0, 0, _receive(payload, 1000), num_tokens=5), 0, 0)
     assert not isinstance(got, Rejection) and sum(hashed) == 2 * blob_len  # the core's decode hashed nothing
     assert read_header(bytearray(payload))[0] and sum(hashed) == 3 * blob_len  # plain bytes: checked in full
+
+
+# ---------------------------------------------------------------- values checked as the chunks pass
+
+
+def _checker(header, what):
+    return BlobCheck(SPEC, header["blob_bytes"], what) if not header.get("codecs") else None
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 777, 4096, 10**6])
+def test_blob_check_on_the_chunks_gives_the_whole_checks_verdict(chunk):
+    assert _receive(_payload(_delta()), chunk, blob_check=_checker).verdict == ""
+    assert _receive(_payload(_delta(), ["int8"]), chunk, blob_check=_checker).verdict is None  # encoded: checked later
+    for case in ["nan in the last slab", "a value above the bound", "wrong shape", "a tensor the model lacks"]:
+        payload, message = _bad_payloads()[case]
+        verdict = _receive(payload, chunk, blob_check=_checker).verdict
+        assert verdict is not None and message in verdict and verdict.startswith("update from c0")
+    for at in range(4):  # a NaN whose 4 bytes are split between two chunks at every offset
+        delta = _delta(7)
+        delta["a"][5, 5] = float("nan")
+        payload = _payload(delta)
+        where = bytes(payload).index(struct.pack("<f", float("nan")))
+        frame = FrameReader(len(payload), blob_check=_checker)
+        frame.feed(payload[: where + at])
+        frame.feed(payload[where + at :])
+        frame.finish()
+        assert "tensor 'a' contains NaN" in frame.verdict
+
+
+def test_blob_check_gives_up_on_overlapping_entries():
+    meta = json.dumps({"a": {"dtype": "F32", "shape": [37, 29], "data_offsets": [0, 4292]},
+                       "b": {"dtype": "F32", "shape": [1000], "data_offsets": [4, 4004]},
+                       "c": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}).encode()
+    blob = struct.pack("<Q", len(meta)) + meta + bytes(4292)
+    check = BlobCheck(SPEC, len(blob))
+    check.feed(blob)
+    assert check.verdict is None and check.gave_up  # left to the core's full check
+
+
+def test_the_core_refuses_on_the_arrival_verdict_and_does_not_check_values_again(monkeypatch):
+    core = ServerCore(_Model(), list(SPEC), build_strategy("fedavg"), max_update_bytes=10**8)
+    payload, _ = _bad_payloads()["nan in the last slab"]
+    got = core.accept(ClientResult("c0", 0, 0, _receive(payload, 1000, blob_check=core.blob_check), num_tokens=5), 0, 0)
+    assert isinstance(got, Rejection) and "tensor 'b' contains NaN" in got.reason
+    import skyfed.compression.wire as wire_mod
+    calls = []
+    real = wire_mod.value_error
+    monkeypatch.setattr(wire_mod, "value_error", lambda t, m=None: calls.append(t.numel()) or real(t, m))
+    good = _receive(_payload(_delta()), 1000, blob_check=core.blob_check)
+    assert good.verdict == ""
+    got = core.accept(ClientResult("c0", 0, 0, good, num_tokens=5), 0, 0)
+    assert not isinstance(got, Rejection) and calls == []  # checked once, on arrival
 
 
 # ---------------------------------------------------------------- slab decoding

@@ -12,6 +12,7 @@ core's decode does not check the CRC again.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from skyfed.compression.wire import CRC_MISMATCH, PREFIX_BYTES, check_size, parse_head, parse_prefix
@@ -21,7 +22,11 @@ from skyfed.errors import WireFormatError
 class FrameReader:
     """Framing, header and CRC-32 of a `size`-byte payload, checked as its chunks pass."""
 
-    def __init__(self, size: int, max_bytes: int | None = None, what: str = "payload"):
+    def __init__(self, size: int, max_bytes: int | None = None, what: str = "payload",
+                 blob_check: Callable[[dict[str, Any], str], Any] | None = None):
+        """`blob_check(header, what)`, once the header is read: an object (or None) whose
+        `feed` gets the blob's bytes in order (`streamcheck.BlobCheck`); its `verdict`
+        is `self.verdict` at the end."""
         if size < 0:
             raise WireFormatError(f"{what}: negative announced size {size}")
         check_size(size, max_bytes)
@@ -33,6 +38,8 @@ class FrameReader:
         self._head = bytearray()  # the prefix and header JSON, until complete
         self._need = PREFIX_BYTES
         self._crc = 0
+        self._blob_check = blob_check
+        self._checker = None
 
     def feed(self, data: bytes | memoryview) -> None:
         n = len(data)
@@ -45,6 +52,8 @@ class FrameReader:
                 raise type(exc)(f"{self.what}: {exc}") from None
         if len(data):
             self._crc = zlib.crc32(data, self._crc)
+            if self._checker is not None:
+                self._checker.feed(data)
         self.pos += n
 
     def _take_head(self, view: memoryview) -> memoryview:
@@ -62,7 +71,14 @@ class FrameReader:
             self.blob_start = self._need
             self.header = parse_head(memoryview(self._head)[PREFIX_BYTES:], self.size - self.blob_start)
             self._head = bytearray()
+            if self._blob_check is not None:
+                self._checker = self._blob_check(self.header, self.what)
         return view
+
+    @property
+    def verdict(self) -> str | None:
+        """The blob check's verdict ("" all checked and good, a problem, None: not checked)."""
+        return None if self._checker is None else self._checker.verdict
 
     def finish(self) -> dict[str, Any]:
         """The checked header once every announced byte is in; WireFormatError if not, or if the CRC differs."""

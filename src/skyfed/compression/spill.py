@@ -38,10 +38,10 @@ class SpillWriter:
             view = view[written:]
         self.pos = end
 
-    def finish(self, header: dict[str, Any], blob_start: int) -> "SpilledPayload":
+    def finish(self, header: dict[str, Any], blob_start: int, verdict: str | None = None) -> "SpilledPayload":
         if self.pos != self.size:
             raise WireFormatError(f"{self.what}: stream ended after {self.pos} of the announced {self.size} bytes")
-        return SpilledPayload(self.file, self.size, header, blob_start)
+        return SpilledPayload(self.file, self.size, header, blob_start, verdict)
 
     def close(self) -> None:
         self.file.close()
@@ -49,14 +49,16 @@ class SpillWriter:
 
 class SpilledPayload:
     """A complete payload in a temporary file, its framing and CRC-32 already checked:
-    the checked `header`, where the blob starts, and random reads. `len()` is its size
-    on the wire."""
+    the checked `header`, where the blob starts, the values' check on arrival if any
+    (`verdict`, see `streamcheck.BlobCheck`), and random reads. `len()` is its size on
+    the wire."""
 
-    def __init__(self, file, size: int, header: dict[str, Any], blob_start: int):
+    def __init__(self, file, size: int, header: dict[str, Any], blob_start: int, verdict: str | None = None):
         self.file = file
         self.size = size
         self.header = header
         self.blob_start = blob_start
+        self.verdict = verdict
 
     def __len__(self) -> int:
         return self.size

@@ -91,9 +91,10 @@ class Framed(bytearray):
 
     header: dict[str, Any] | None = None
     blob_start: int = 0
+    verdict: str | None = None  # the values' check on arrival (`streamcheck.BlobCheck`), if any
 
-    def checked(self, header: dict[str, Any], blob_start: int) -> "Framed":
-        self.header, self.blob_start = header, blob_start
+    def checked(self, header: dict[str, Any], blob_start: int, verdict: str | None = None) -> "Framed":
+        self.header, self.blob_start, self.verdict = header, blob_start, verdict
         return self
 
 

@@ -30,6 +30,7 @@ from skyfed.compression.channel import Downlink
 from skyfed.compression.payload import decode_checked
 from skyfed.compression.slabs import SlabDelta, sliceable
 from skyfed.compression.spill import SpilledPayload
+from skyfed.compression.streamcheck import BlobCheck
 from skyfed.compression.wire import Framed, TensorSpec, all_finite, read_header
 from skyfed.errors import SkyfedError
 from skyfed.federation.messages import ClientResult, TrainTask, Update
@@ -196,15 +197,27 @@ class ServerCore:
         ...) is validated in full and handed on as a `SlabDelta` that decodes and folds slab
         by slab; a plain one in memory is read as views into its buffer; a chain that does
         not decode by slabs is decoded whole (a spilled one read back into memory first)."""
+        verdict = getattr(payload, "verdict", None)  # a plain update checked as it arrived
+        if verdict:
+            raise SkyfedError(verdict)
+        checked = verdict == ""
         if isinstance(payload, SpilledPayload):
             header, start = payload.header, payload.blob_start
             if sliceable(header):
-                return SlabDelta(payload, header, start, self.spec, who), header
+                return SlabDelta(payload, header, start, self.spec, who, values_checked=checked), header
             payload = Framed(payload.read_all()).checked(header, start)
         header, blob = read_header(payload, self.max_update_bytes)
         if self.streaming and header.get("codecs") and sliceable(header):
             return SlabDelta(payload, header, len(payload) - len(blob), self.spec, who), header
-        return decode_checked(header, blob, self.spec, what=who, views=True)
+        return decode_checked(header, blob, self.spec, what=who, views=True, values_checked=checked)
+
+    def blob_check(self, header: dict[str, Any], what: str) -> BlobCheck | None:
+        """For a receiver: this core's checks of a plain update's tensors and values, to run
+        on its blob as the chunks arrive (`compression/streamcheck.py`); None for an
+        encoded update (checked here once it is in)."""
+        if header.get("codecs"):
+            return None
+        return BlobCheck(self.spec, int(header["blob_bytes"]), what)
 
     # ------------------------------------------------------------ state
 

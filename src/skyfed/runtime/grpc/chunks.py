@@ -55,12 +55,12 @@ class Assembler:
         self._view[self.pos : end] = data
         self.pos = end
 
-    def finish(self, header: dict[str, Any] | None = None, blob_start: int = 0) -> Framed:
+    def finish(self, header: dict[str, Any] | None = None, blob_start: int = 0, verdict: str | None = None) -> Framed:
         """The bytes; with the `header` a `FrameReader` checked on the way, marked as checked."""
         if self.pos != self.size:
             raise WireFormatError(f"{self.what}: stream ended after {self.pos} of the announced {self.size} bytes")
         self._view.release()
-        return self.buffer.checked(header, blob_start) if header is not None else self.buffer
+        return self.buffer.checked(header, blob_start, verdict) if header is not None else self.buffer
 
     def close(self) -> None:
         self._view.release()
@@ -72,7 +72,7 @@ class Pipeline:
     stored (`zlib.crc32` and `os.write` release the GIL: the two overlap on two cores).
     The first error `consume` raises comes back from the next `put` or from `finish`."""
 
-    def __init__(self, consume: Callable[[memoryview], None], depth: int = 4):
+    def __init__(self, consume: Callable[[memoryview], None], depth: int = 2):
         self.consume = consume
         self.error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(depth)

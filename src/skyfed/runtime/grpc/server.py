@@ -131,6 +131,7 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
         for monitor in monitors:  # round-level gauges
             run.engine.observers.insert(0, monitor)
         servicers[0].limit_update_size(run.engine.core.spec, cfg.compression.uplink)  # no allocation beyond it
+        transport.blob_check = run.engine.core.blob_check  # plain updates' values checked as they arrive
         if run.engine.core.streaming:  # large updates wait in a file, not in memory, until folded
             transport.spill_min_bytes, transport.spill_dir = cfg.federation.spill_min_bytes, cfg.federation.spill_dir
         log.info("waiting for clients %s", names)

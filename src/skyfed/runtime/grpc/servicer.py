@@ -435,8 +435,10 @@ class FederationServicer(pb_grpc.FederationServicer):
     def _receive(self, call: _Call, request_iterator: Iterator[bytes], h: pb.UpdateHeader, what: str):
         """The update's bytes (in memory, or spilled to a file when large: `GrpcTransport.receive_buffer`),
         framing, sizes, CRC-32 and header checked as the chunks arrive (`FrameReader`, on a
-        helper thread: `Pipeline`): the engine's decode does not check the CRC again."""
-        frame = FrameReader(h.payload_bytes, self.update_limit, what)
+        helper thread: `Pipeline`): the engine's decode does not check the CRC again. A
+        plain update's tensors and values are checked on the way too, by the engine's
+        own rules (`GrpcTransport.blob_check`); the engine turns a problem into its rejection."""
+        frame = FrameReader(h.payload_bytes, self.update_limit, what, self.transport.blob_check)
         buf = self.transport.receive_buffer(h.payload_bytes, what)
 
         def consume(data: memoryview) -> None:
@@ -461,7 +463,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             pipe.finish()
             header = frame.finish()
             _check_payload_header(header, h, call.name, what)
-            return buf.finish(header, frame.blob_start)
+            return buf.finish(header, frame.blob_start, frame.verdict)
         except BaseException:
             pipe.abort()
             buf.close()

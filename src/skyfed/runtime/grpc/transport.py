@@ -91,6 +91,9 @@ class GrpcTransport(Transport):
         # `spill_dir` (None: never); the server sets them when its strategy folds updates.
         self.spill_min_bytes: int | None = None
         self.spill_dir: str | None = None
+        # The engine's checks of a plain update's tensors, run as its chunks arrive
+        # (`ServerCore.blob_check`); None: the engine checks once the update is in.
+        self.blob_check = None
 
     # ------------------------------------------------------------ engine side
 
