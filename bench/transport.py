@@ -283,6 +283,7 @@ def main() -> None:
     from skyfed.compression.chain import Chain
     from skyfed.compression.payload import encode_payload
     from skyfed.runtime.grpc.certs import make_dev_certs
+    from skyfed.runtime.grpc.security import server_options
 
     torch.set_num_threads(1)
     delta = {"w": torch.rand(args.params)}
@@ -294,6 +295,7 @@ def main() -> None:
     out: dict = {"command": " ".join(["python", "bench/transport.py", *sys.argv[1:]]), "loadavg_start": list(os.getloadavg()),
                  "params": args.params, "payload_bytes": len(payloads["fp32"]), "chunk_bytes": int(args.chunk_mib * 2**20),
                  "repeats": args.repeats, "cpu_count": os.cpu_count(), "grpc_options": args.grpc_option,
+                 "server_options": dict(server_options(int(args.chunk_mib * 2**20))),
                  "aggregation": "buffered" if args.buffered else "streamed"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -246,3 +246,12 @@ def test_pipeline_consumes_in_order_and_hands_back_the_first_error():
         pipe.finish()
     pipe.abort()
     assert [bytes(v)[0] for v in seen] == [0, 1, 2]
+
+
+def test_the_server_pins_each_uploads_flow_control_window():
+    from skyfed.runtime.grpc.security import FLOW_WINDOW_BYTES
+
+    opts = dict(server_options(2**20))
+    assert opts["grpc.http2.bdp_probe"] == 0 and opts["grpc.http2.lookahead_bytes"] == FLOW_WINDOW_BYTES == 4 * 2**20
+    assert opts["grpc.max_receive_message_length"] == 3 * 2**20
+    assert "grpc.http2.bdp_probe" not in dict(server_options(2**20, 0))  # 0: gRPC's automatic window

@@ -31,7 +31,7 @@ from skyfed.runtime.grpc.auth import require_tokens
 from skyfed.runtime.grpc.client_config import client_config
 from skyfed.runtime.grpc.limits import CallBounds, max_concurrent_rpcs, worker_threads
 from skyfed.runtime.grpc.rawchunks import add_servicer
-from skyfed.runtime.grpc.security import server_credentials, server_options
+from skyfed.runtime.grpc.security import FLOW_WINDOW_BYTES, server_credentials, server_options
 from skyfed.runtime.grpc.servicer import FederationServicer
 from skyfed.runtime.grpc.transport import GrpcTransport
 
@@ -50,6 +50,7 @@ class ServerOptions:
     resume: bool = False
     join_timeout_s: float = 300.0
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    flow_window_bytes: int = FLOW_WINDOW_BYTES  # per upload stream; 0: gRPC's automatic (BDP) window
     done_grace_s: float = 30.0  # how long to wait for every client to hear "training is over"
     metrics_port: int | None = None  # Prometheus /metrics + status page (runtime/grpc/monitor.py); 0 = any free port
     metrics_bind: str = "127.0.0.1"
@@ -72,6 +73,8 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
     emit = on_event or (lambda kind, data: None)
     if opts.chunk_bytes < 1024:
         raise ConfigError(f"chunk size must be at least 1 KiB, got {opts.chunk_bytes} bytes")
+    if opts.flow_window_bytes < 0 or 0 < opts.flow_window_bytes < 65535 or opts.flow_window_bytes > 2**31 - 1:
+        raise ConfigError(f"--flow-window-mib: the window must be 0 (automatic) or 64 KiB to 2 GiB, got {opts.flow_window_bytes} bytes")
     if opts.resume and opts.out is None:
         raise ConfigError("--resume needs --out: the run directory of the interrupted run")
     creds = server_credentials(opts.tls_cert, opts.tls_key, opts.client_ca, opts.insecure)
@@ -104,7 +107,7 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
         )
         servicers.append(servicer)
         workers = worker_threads(len(names), opts.bounds)  # a pool sized to the bounds
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=server_options(opts.chunk_bytes),
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=server_options(opts.chunk_bytes, opts.flow_window_bytes),
                              maximum_concurrent_rpcs=max_concurrent_rpcs(workers))
         if opts.metrics_port is not None:
             from skyfed.runtime.grpc.monitor import ServerMonitor
