@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="comma-separated defences for the attacked columns (default: --only; the no-attack column always uses --only)")
     ap.add_argument("--async-only", default=",".join(ASYNC), help="comma-separated asynchronous strategies")
     ap.add_argument("--async-variants", default=",".join(ASYNC_VARIANTS), help="comma-separated: " + ", ".join(ASYNC_VARIANTS))
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the rows of an unfinished --out file written with the same config (same rows are not run again)")
     ap.add_argument("--merge", type=Path, nargs="+", default=None,
                     help="merge these result files (parts of one matrix, each with its own clean FedAvg row, which must agree) into --out")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -178,7 +180,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     bound: dict[str, Any] = {"C": None, "norms": []}
 
+    done: dict[str, dict[str, Any]] = {}
+    if args.resume and args.out.exists():
+        old = json.loads(args.out.read_text())
+        if old["config"]["sets"] == base and old["config"]["preset"] == args.preset:
+            done = {json.dumps(r["sets"]): r for r in old["rows"]}
+            print(f"resuming: {len(done)} rows of {args.out} are reused", flush=True)
+
     def record(label: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+        again = done.get(json.dumps(base + sets))
+        if again is not None:
+            rows.append(again)
+            return {"reused": True}
         out = run_one(args.preset, base + sets)
         rec = row_record(label, out)
         rows.append(rec)
@@ -189,8 +202,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # clean FedAvg first: the reference, and (through an infinite norm bound) the honest update norms
     clean = record({"defence": "fedavg", "attack": "none"}, ["federation.strategy.name=fedavg", "federation.strategy.norm_bound=1e30"])
-    norms = honest_norms(clean)
-    norm_bound = round(1.5 * statistics.median(norms), 4)
+    if clean.get("reused"):  # the bound of the run resumed
+        norm_bound = old["norm_bound"]["C"]
+        nb = old["norm_bound"]
+        norms = nb.get("honest_norms") or [nb["honest_norms_median"]] * 2 + [nb["honest_norms_max"]]
+    else:
+        norms = honest_norms(clean)
+        norm_bound = round(1.5 * statistics.median(norms), 4)
     bound.update(C=norm_bound, norms=norms)
     attacked = [d for d in (args.under_attack or args.only).split(",") if d]
     for attack in attacks:
@@ -233,6 +251,7 @@ def save(args, argv, rows, load_start, started, base, attacks, norm_bound, norms
         "config": {"preset": args.preset, "sets": base, "attacker": ATTACKER},
         "attacks": {a: ATTACKS[a] for a in attacks},
         "norm_bound": {"C": norm_bound, "honest_norms_median": statistics.median(norms), "honest_norms_max": max(norms),
+                       "honest_norms": norms,
                        "rule": "1.5 x the median norm of the honest updates of the clean FedAvg run"},
         "clean_fedavg_ppl": ref,
         "goal": goal(rows),
