@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         norms = honest_norms(clean)
         norm_bound = round(1.5 * statistics.median(norms), 4)
     bound.update(C=norm_bound, norms=norms)
+    save(args, argv, rows, load_start, started, base, attacks, norm_bound, norms, complete=False)  # the clean row, for --resume
     attacked = [d for d in (args.under_attack or args.only).split(",") if d]
     for attack in attacks:
         for defence in defences if attack == "none" else attacked:
