@@ -89,7 +89,7 @@ def against_simulation(run: dict, cmp: dict, sim: dict) -> dict:
     down = cmp["bytes"]["server_down"]["relay"]
     per_cloud[server] = {"ledger": ledger[server], "relay": down, "relay_over_ledger": down / ledger[server]}
     return {"round_measured_s": measured, "round_sim_s": simulated,
-            "round_ratio_mean": sum(measured) / sum(simulated), "bytes": per_cloud}
+            "round_ratio_mean": sum(m / s for m, s in zip(measured, simulated)) / len(measured), "bytes": per_cloud}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         cmp = compare(run)
         sim = None if args.no_sim else simulate(run, folder)
     result = {
-        "command": "PYTHONPATH=src python bench/wan.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["PYTHONPATH=src python bench/wan.py", *(argv if argv is not None else sys.argv[1:])]),
         "load_average_start": load_start,
         "load_average_end": list(os.getloadavg()),
         "cpu_count": os.cpu_count(),
@@ -146,12 +146,17 @@ def report(r: dict) -> str:
     links = ", ".join(f"{x['name']} {x['up_mbps']:g}/{x['down_mbps']:g} Mbit/s {x['rtt_ms']:g} ms" for x in r["links"])
     lines = [f"Links (up/down, RTT): {links}; model {r['model']}, {r['rounds']} rounds; "
              f"load average {r['load_average_start'][0]:.1f} at the start, {r['load_average_end'][0]:.1f} at the end, {r['cpu_count']} cores.", "",
-             "| round | measured (server wall - eval) | model (measured compute) | ratio | `skyfed run` round_sim_s | ratio |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| round | measured (server wall - eval) | model (measured compute) | ratio | `skyfed run` round_sim_s | ratio | slowest client's measured total | server rest |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for i, row in enumerate(cmp["rounds"]):
         s = sim["rounds"][i]["round_sim_s"] if sim else None
+        rest = f"{row['slowest_measured']} {row['slowest_total_s']:.3f} s | {row['server_rest_s']:.3f} s |" if "server_rest_s" in row else "- | - |"
         lines.append(f"| {row['round']} | {row['measured_s']:.3f} s | {row['model_s']:.3f} s | **{row['ratio']:.3f}** | "
-                     + (f"{s:.3f} s | **{row['measured_s'] / s:.3f}** |" if s else "- | - |"))
+                     + (f"{s:.3f} s | **{row['measured_s'] / s:.3f}** | " if s else "- | - | ") + rest)
+    mean = f"mean over the rounds of measured / model **{cmp['round_ratio_mean']:.3f}**"
+    if sim:
+        mean += f", measured / simulated clock **{sim['round_ratio_mean']:.3f}**"
+    lines += ["", f"Round time: {mean}."]
     lines += ["", "| link | download measured / model | upload measured / model | (download + upload) ratio |", "| --- | --- | --- | --- |"]
     for c, row in cmp["clients"].items():
         if row["measured"] is None:

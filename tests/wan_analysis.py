@@ -136,8 +136,13 @@ def compare(run: dict[str, Any]) -> dict[str, Any]:
         slow = max(predicted, key=predicted.get)
         measured_round = m["wall_time_s"] - m["eval_s"]
         model_round = predicted[slow] + m["aggregate_s"]
-        rounds.append({"round": r, "measured_s": measured_round, "model_s": model_round, "ratio": measured_round / model_round,
-                       "slowest_by_model": slow, "wall_time_s": m["wall_time_s"], "eval_s": m["eval_s"], "aggregate_s": m["aggregate_s"]})
+        row = {"round": r, "measured_s": measured_round, "model_s": model_round, "ratio": measured_round / model_round,
+               "slowest_by_model": slow, "wall_time_s": m["wall_time_s"], "eval_s": m["eval_s"], "aggregate_s": m["aggregate_s"]}
+        totals = {c: rows[r]["total_s"] for c, rows in measured.items() if rows is not None}
+        if totals:  # the round outside the clients' transfers: the server's task building, decoding, folding, step
+            last = max(totals, key=totals.get)
+            row.update({"slowest_measured": last, "slowest_total_s": totals[last], "server_rest_s": measured_round - totals[last]})
+        rounds.append(row)
     clients = {}
     for c in model:
         row: dict[str, Any] = {"model": model[c], "measured": measured[c]}
