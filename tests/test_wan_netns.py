@@ -39,6 +39,7 @@ def wan(tmp_path_factory, shared_cache):
     return run_wan(tmp_path_factory.mktemp("wan"), LINKS, rounds=1, timeout_s=300)
 
 
+@pytest.mark.processes  # a server, three clients and six relays
 def test_bytes_on_the_links_match_the_egress_ledger(wan):
     b = compare_bytes(wan)
     assert b["server_cloud"] == "hub" and set(b["ledger"]) == {"hub", "aws", "gcp", "azure"}
@@ -55,6 +56,7 @@ def test_bytes_on_the_links_match_the_egress_ledger(wan):
     assert down["ledger"] <= down["relay"] <= down["ledger"] * (1 + FRAMING) + 3 * SESSION
 
 
+@pytest.mark.processes
 def test_the_slow_link_bounds_the_round(wan):
     timing = measured_timing(wan)
     (m,) = wan["metrics"]
