@@ -92,8 +92,12 @@ def server_args(cfg: list[str], port: int, certs: dict[str, Path] | None, out: P
 
 
 def client_args(name: str, port: int, certs: dict[str, Path] | None, *extra: str) -> list[str]:
+    """A client that keeps trying to reach the server for 300 s (unless `extra` says
+    otherwise): a loaded machine running tests in parallel can take over a minute to
+    start a server that loads a model."""
     tls = ["--ca-cert", str(certs["ca.pem"]), "--token-file", str(certs["tokens.yaml"])] if certs else ["--insecure"]
-    return ["client", "--server", f"localhost:{port}", "--name", name, *tls, "--max-backoff", "1", *extra]
+    patience = [] if "--connect-timeout" in extra else ["--connect-timeout", "300"]
+    return ["client", "--server", f"localhost:{port}", "--name", name, *tls, "--max-backoff", "1", *patience, *extra]
 
 
 def metrics(run: Path) -> list[dict]:
