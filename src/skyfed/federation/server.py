@@ -15,6 +15,11 @@ the transport's error field, the payload's framing, names, shapes and values
 must match the push: an old update re-sent under a new round is refused), and the
 token count it claims (positive, and at most what its task could have trained on).
 `publish` refuses an aggregate that is not finite; the model then stays as it was.
+
+A LoRA run with per-client ranks or exact aggregation adds a `skyfed.lora_server.LoraServer`
+(`lora`): it truncates each task to the client's rank and pads its update back, keeps each
+update's factors, and after `publish` folds the factor-averaging residual into the base
+weights and sends it with the next tasks.
 """
 
 from __future__ import annotations
