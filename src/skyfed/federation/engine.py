@@ -52,6 +52,9 @@ class Engine:
         self.core = ServerCore(
             model, param_names, strategy, cfg.compression, cfg.federation.max_update_bytes, tc.batch_size * tc.seq_len
         )
+        from skyfed.lora_server import lora_server
+
+        self.core.lora = lora_server(cfg, model, self.core.spec, strategy)  # LoRA ranks per client, exact aggregation
         self.closer = WindowCloser(self.core, evaluator, cfg.eval.max_batches, run, on_event)
         loop_cls = AsyncLoop if strategy.asynchronous else SyncLoop
         self.loop: SyncLoop | AsyncLoop = loop_cls(self.core, transport, self.closer, cfg)

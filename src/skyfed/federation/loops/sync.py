@@ -72,6 +72,7 @@ class SyncLoop:
         for client, task in tasks.items():
             self.transport.send(client, task)
             w.bytes_down[client] = len(task.payload)
+            w.fp32_down += core.fp32_bytes(client)
         w.dispatched = len(tasks)
         waiting = self.collect(w, tasks)
         core.settle(reached, w.accepted)
@@ -113,6 +114,7 @@ class SyncLoop:
                 self.transport.release(result, got.reason)
                 continue
             w.decoded += 1
+            w.fp32_up += core.fp32_bytes(got.client)
             w.bytes_up[got.client] = got.bytes_up
             w.train_loss[got.client].append(got.train_loss)
             aggregate.add(got)
@@ -139,6 +141,7 @@ class SyncLoop:
         nbytes = len(result.payload) if result.payload is not None else 0
         if self.secure.accept(result):
             w.decoded += 1
+            w.fp32_up += self.core.fp32_bytes(result.client)
             w.bytes_up[result.client] = nbytes
             w.train_loss[result.client].append(result.train_loss)
             w.accepted.append(result.client)
