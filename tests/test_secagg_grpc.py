@@ -63,10 +63,10 @@ def test_a_dropout_after_masking_gives_the_mean_of_the_others_and_too_many_are_r
     is refused with one log line and the model stays bit for bit the same."""
     certs = dev_certs(tmp_path / "certs", FIVE)
     port, run, dump = free_port(), tmp_path / "run", tmp_path / "dump"
-    cfg = [*SMOKE, *SECURE, "--set", FIVE_CLIENTS, "--set", "federation.round_timeout_s=25", "--set", "federation.min_clients=2"]
+    cfg = [*SMOKE, *SECURE, "--set", FIVE_CLIENTS, "--set", "federation.round_timeout_s=40", "--set", "federation.min_clients=2"]
     procs.start("server", server_args(cfg, port, certs, run))
     start(procs, FIVE, port, certs, dump, die={"gcp2": "0", "azure": "1", "aws2": "1"})
-    procs.wait_for("the run's summary", lambda: finished(run) is not None, timeout=420)
+    procs.wait_for("the run's summary", lambda: finished(run) is not None, timeout=600)
     for name in ["aws", "gcp"]:
         assert procs.wait_exit(name, 120) == 0, procs.logs()
     for name in ["gcp2", "azure", "aws2"]:
@@ -115,7 +115,7 @@ def test_secure_deployment_ends_at_the_plain_perplexity_and_counts_its_control_b
     port, run, dump = free_port(), tmp_path / "run", tmp_path / "dump"
     procs.start("server", server_args([*SMOKE, *SECURE], port, certs, run))
     start(procs, names, port, certs, dump)
-    procs.wait_for("the run's summary", lambda: finished(run) is not None, timeout=360)
+    procs.wait_for("the run's summary", lambda: finished(run) is not None, timeout=480)
     for name in names:
         assert procs.wait_exit(name, 120) == 0, procs.logs()
     summary, rows = finished(run), metrics(run)
@@ -142,3 +142,30 @@ def test_secure_deployment_ends_at_the_plain_perplexity_and_counts_its_control_b
     assert summary["total"]["bytes_down"] == models + control_down
     assert sum(r["secagg_bytes_up"] for r in rows) == control_up
     assert sum(r["secagg_bytes_down"] for r in rows) == control_down
+
+
+def test_fedbuff_runs_one_secure_sum_per_buffer_over_grpc(procs, tmp_path):
+    """FedBuff with secure aggregation through a real server: four clients, buffers of two,
+    two rounds' budget: four buffers of two survivors each, every client in two of them,
+    and summary.json's bytes are exactly what the clients pulled and pushed."""
+    names = ["aws", "gcp", "azure", "aws2"]
+    certs = dev_certs(tmp_path / "certs", names)
+    port, run, dump = free_port(), tmp_path / "run", tmp_path / "dump"
+    cfg = [*SMOKE, *SECURE, "--set", "federation.strategy.name=fedbuff", "--set", "federation.strategy.params={buffer_size: 2}",
+           "--set", "federation.clients=[{name: aws}, {name: gcp}, {name: azure}, {name: aws2, cloud: aws}]",
+           "--set", "federation.round_timeout_s=120"]
+    procs.start("server", server_args(cfg, port, certs, run))
+    start(procs, names, port, certs, dump)
+    procs.wait_for("the run's summary", lambda: finished(run) is not None, timeout=480)
+    for name in names:
+        assert procs.wait_exit(name, 120) == 0, procs.logs()
+    summary, rows = finished(run), metrics(run)
+    assert [r["mode"] for r in rows] == ["async", "async"] and rows[-1]["updates"] == 8
+    buffers = [b for r in rows for b in r["secure_aggregation"]]
+    assert len(buffers) == 4 and all(len(b["survivors"]) == 2 and b["dropped"] == [] for b in buffers)
+    assert sorted(c for b in buffers for c in b["survivors"]) == sorted(names * 2)
+    assert len({b["task"] for b in buffers}) == 4  # each buffer its own session
+    wire = wire_rows(dump, names)
+    assert summary["total"]["bytes_up"] == sum(r["payload"] for r in wire if r["dir"] == "up")
+    assert summary["total"]["bytes_down"] == sum(r["payload"] + r["options"] for r in wire if r["dir"] == "down")
+    assert sum(r["secagg_bytes_up"] for r in rows) == sum(r["payload"] for r in wire if r["dir"] == "up" and r["stage"] != "update")

@@ -48,16 +48,21 @@ class SecureOutcome:
     update: Update  # the token-weighted mean as one update, for the strategy
     survivors: list[str]
     dropped: list[str]
+    tokens: dict[str, int]  # each survivor's public token count (its weight)
 
 
 class SecAggCoordinator:
     def __init__(self, spec: dict[str, TensorSpec], settings: SecAggSettings, max_tokens: int,
-                 stage_timeout_s: float | None = None, max_update_bytes: int | None = None):
+                 stage_timeout_s: float | None = None, max_update_bytes: int | None = None,
+                 on_other: Any = None):
+        """`on_other(result)`: where a result that is not this stage's goes (the
+        asynchronous loop keeps it for later); None ignores it (logged, released)."""
         self.spec = spec
         self.settings = settings
         self.max_tokens = max_tokens
         self.stage_timeout_s = stage_timeout_s
         self.max_update_bytes = max_update_bytes
+        self.on_other = on_other
         self.server: SecAggServer | None = None
         self.encoder: UpdateEncoder | None = None
         self._results: dict[str, ClientResult] = {}
@@ -85,6 +90,9 @@ class SecAggCoordinator:
             if result is None:
                 break
             refusal = None
+            if self.on_other is not None and (result.client not in waiting or result.round != round):
+                self.on_other(result)  # another session's (or a training) result: kept, not released
+                continue
             try:
                 if result.client not in waiting or result.round != round:
                     log.warning("secure aggregation: ignored a result from %s (round %d) during the %s stage",
@@ -161,7 +169,7 @@ class SecAggCoordinator:
         tokens = sum(r.num_tokens for r in kept)
         loss = sum(r.train_loss * max(r.num_tokens, 1) for r in kept) / sum(max(r.num_tokens, 1) for r in kept)
         update = Update("secagg", round, version, mean, tokens, loss)
-        return SecureOutcome(update, result.survivors, result.dropped)
+        return SecureOutcome(update, result.survivors, result.dropped, {r.client: r.num_tokens for r in kept})
 
 
 def server_names(roster: dict[str, Any]) -> list[str]:
