@@ -42,9 +42,11 @@ class Procs:
         self.env = {**os.environ, "SKYFED_CACHE": os.environ.get("SKYFED_CACHE", str(folder / "cache")),
                     "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
-    def start(self, label: str, args: list[str]) -> subprocess.Popen:
+    def start(self, label: str, args: list[str], cli: list[str] | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Run `cli` (default: `python -m skyfed`) with `args`; `env` adds variables."""
         log = open(self.folder / f"{label}.log", "ab")
-        p = subprocess.Popen(CLI + args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.folder)
+        p = subprocess.Popen((cli or CLI) + args, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
+                             cwd=self.folder)
         self.procs[label] = p
         return p
 

@@ -76,10 +76,6 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
         raise ConfigError("--resume needs --out: the run directory of the interrupted run")
     creds = server_credentials(opts.tls_cert, opts.tls_key, opts.client_ca, opts.insecure)
     tokens = require_tokens(opts.tokens_file, opts.open)
-    if cfg.security.secure_aggregation:
-        raise ConfigError(
-            "security.secure_aggregation runs in the simulation; the gRPC server does not carry its set-up stages yet"
-        )
     if cfg.federation.round_timeout_s is None:
         log.warning("federation.round_timeout_s is not set: a round waits for a client that died until it comes back")
     names = [c.name for c in cfg.federation.clients]
