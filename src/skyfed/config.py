@@ -69,6 +69,9 @@ class PeftSection(Section):
     alpha: float = Field(16.0, gt=0)  # the update is scaled by alpha / r
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = None  # None: peft's default for the architecture
+    # factors: FedAvg of A and B separately (mean(B) mean(A), not mean(B A)); exact: FedEx-LoRA
+    # (Singhal et al. 2024) folds the difference into the base weights (skyfed.lora_exact)
+    aggregation: Literal["factors", "exact"] = "factors"
 
 
 class ModelConfig(Section):
@@ -105,6 +108,8 @@ class ClientSpec(Section):
     name: str
     cloud: str | None = None  # the cloud profile; defaults to the name
     data: str | None = None  # the client's own corpus (deployment); else a partition
+    # LoRA: this client's adapter rank, at most model.peft.r (HetLoRA, skyfed.lora_ranks); None = model.peft.r
+    lora_r: int | None = Field(None, ge=1)
 
 
 class StrategyConfig(Section):
@@ -150,7 +155,9 @@ def generated_clients(templates: list[ClientSpec], n: int) -> list[ClientSpec]:
     """`n` clients named client0000..., client i in the cloud of templates[i % len(templates)]."""
     width = max(4, len(str(n - 1)))
     clouds = [t.cloud or t.name for t in templates] or ["aws"]
-    return [ClientSpec(name=f"client{i:0{width}d}", cloud=clouds[i % len(clouds)]) for i in range(n)]
+    ranks = [t.lora_r for t in templates] or [None]
+    return [ClientSpec(name=f"client{i:0{width}d}", cloud=clouds[i % len(clouds)], lora_r=ranks[i % len(ranks)])
+            for i in range(n)]
 
 
 class CloudProfileSpec(Section):
@@ -370,6 +377,16 @@ class ExperimentConfig(Section):
             raise ValueError(f"attack.clients: {unknown} are not in federation.clients {names}")
         if len(set(self.attack.clients)) != len(self.attack.clients):
             raise ValueError(f"attack.clients: names must be unique, got {self.attack.clients}")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_fits(self) -> "ExperimentConfig":
+        from skyfed.lora_checks import check_federated_lora
+
+        try:
+            check_federated_lora(self)
+        except SkyfedError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     @model_validator(mode="after")

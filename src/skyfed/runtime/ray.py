@@ -7,7 +7,7 @@ Each actor (`skyfed.runtime.ray_actor.ClientReplica`) holds one model replica an
 the logical clients it is sent, one at a time, so memory follows `ray.actors`, not the
 number of clients. Between its rounds a client's state (optimizer moments, residual, the
 model it holds) waits in Ray's object store (an `ObjectRef` held here) or in a file under
-RUN_DIR/client_state/NAME.G.pt (`ray.client_state: disk`; G counts the client's
+RUN_DIR/client_state/NAME.G.safetensors (`ray.client_state: disk`; G counts the client's
 tasks, so a checkpoint can name a file that later rounds do not overwrite). Each distinct model payload of a round
 is put in the object store once and every task refers to it; each client's token shard is
 put once, at start.
@@ -146,7 +146,7 @@ class RayTransport(SimulatedTransport):
             if self.state_dir is None:
                 raise SkyfedError("ray.client_state: disk needs the run directory (RayTransport.use_run_dir)")
             old = self._files.get(client)
-            new = f"{client}.{_generation(old) + 1}.pt"  # a new file: the checkpoint may name the old one
+            new = f"{client}.{_generation(old) + 1}.safetensors"  # a new file: the checkpoint may name the old one
             self._files[client] = new
             self._written.add(new)
             done, _ = actor.handle.options(num_returns=2).remote(
@@ -242,7 +242,7 @@ class RayTransport(SimulatedTransport):
 
 
 def _generation(name: str | None) -> int:
-    """How many tasks wrote the state file `NAME.G.pt` (G), 0 for none."""
+    """How many tasks wrote the state file `NAME.G.safetensors` (G), 0 for none."""
     return 0 if name is None else int(name.rsplit(".", 2)[1])
 
 

@@ -6,7 +6,8 @@ logical client the task is for: that client's name, seed and token shard, and it
 state (`FederatedClient.state_dict()`: optimizer moments and schedule step,
 error-feedback residual, the model it holds for delta downlinks). A client that never
 trained starts from the state a freshly built client has. After `handle`, the client's
-new state goes back to the object store (returned) or to a file (written here).
+new state goes back to the object store (returned) or to a file (written here,
+`skyfed.runtime.state_files`: safetensors plus the tree's skeleton).
 
 This module imports nothing from Ray: `skyfed.runtime.ray` wraps `ClientReplica` in
 `ray.remote`, so the class is also usable, and testable, without a cluster.
@@ -24,19 +25,9 @@ import torch
 
 from skyfed.config import ExperimentConfig
 from skyfed.federation.messages import ClientResult, TrainTask
+from skyfed.runtime.state_files import load_state, save_state
 
 Step = tuple[str, int, int, float]  # client, step, steps, loss (FederatedClient.on_step)
-
-
-def save_state(state: dict[str, Any], path: str) -> None:
-    """Write a client's state atomically (temp file, then rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_state(path: str) -> dict[str, Any]:
-    return torch.load(path, weights_only=False)
 
 
 class ClientReplica:

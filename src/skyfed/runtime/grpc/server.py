@@ -79,10 +79,6 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
         raise ConfigError("--resume needs --out: the run directory of the interrupted run")
     creds = server_credentials(opts.tls_cert, opts.tls_key, opts.client_ca, opts.insecure)
     tokens = require_tokens(opts.tokens_file, opts.open)
-    if cfg.security.secure_aggregation:
-        raise ConfigError(
-            "security.secure_aggregation runs in the simulation; the gRPC server does not carry its set-up stages yet"
-        )
     spill_dir = cfg.federation.spill_dir
     if spill_dir is not None and not Path(spill_dir).is_dir():
         raise ConfigError(f"federation.spill_dir={spill_dir!r} is not a directory")
@@ -134,9 +130,10 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
         for monitor in monitors:  # round-level gauges
             run.engine.observers.insert(0, monitor)
         servicers[0].limit_update_size(run.engine.core.spec, cfg.compression.uplink)  # no allocation beyond it
-        transport.blob_check = run.engine.core.blob_check  # plain updates' values checked as they arrive
-        if run.engine.core.streaming:  # large updates wait in a file, not in memory, until folded
-            transport.spill_min_bytes, transport.spill_dir = cfg.federation.spill_min_bytes, cfg.federation.spill_dir
+        if not cfg.security.secure_aggregation:  # (masked updates are the coordinator's, whole, in memory)
+            transport.blob_check = run.engine.core.blob_check  # plain updates' values checked as they arrive
+            if run.engine.core.streaming:  # large updates wait in a file, not in memory, until folded
+                transport.spill_min_bytes, transport.spill_dir = cfg.federation.spill_min_bytes, cfg.federation.spill_dir
         log.info("waiting for clients %s", names)
         ready = transport.wait_for_clients(cfg.federation.min_clients, opts.join_timeout_s)
         log.info("clients ready: %s; starting at round %d", ready, run.engine.next_round)

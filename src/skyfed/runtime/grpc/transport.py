@@ -12,8 +12,13 @@ Synchronous-mode rules (enforced in `submit`):
 - an update is accepted only for the client's open round and built on the model
   version it was sent; one for a past (or future) round, or another base version, is
   refused with `RoundClosedError`;
-- the same (client, round) is accepted once; a second push is refused with
+- the same (client, round, stage) is accepted once; a second push is refused with
   `AlreadyReceivedError` (the first, or its refusal, stands).
+
+The stage is "update" except for secure aggregation's control messages ("keys",
+"shares", "unmask"; `stage_of`): the coordinator sends them as tasks of the same round,
+one at a time, and the answer to each is accepted only while that stage's task is the
+client's open one.
 
 Backpressure: the servicer answers a push only once the engine has released the update
 (`release`: validated and taken into the round, or rejected with a reason that
@@ -76,6 +81,24 @@ class ClientRecord:
         return self.session is not None and self.num_tokens > 0
 
 
+UPDATE = "update"
+CONTROL_STAGES = ("keys", "shares", "unmask")
+STAGE_META = "secagg_stage"  # ClientResult.meta key of a control answer's stage
+
+
+def stage_of(task: TrainTask) -> str:
+    """A task's stage: a secure-aggregation control stage, else "update"."""
+    info = task.options.get("secagg")
+    stage = info.get("stage") if isinstance(info, dict) else None
+    return stage if stage in CONTROL_STAGES else UPDATE
+
+
+def result_stage(result: ClientResult) -> str:
+    """The stage a result answers (the servicer sets `meta[STAGE_META]` after its checks)."""
+    stage = result.meta.get(STAGE_META)
+    return stage if stage in CONTROL_STAGES else UPDATE
+
+
 class GrpcTransport(Transport):
     def __init__(self, names: list[str]):
         self._names = list(names)
@@ -83,9 +106,10 @@ class GrpcTransport(Transport):
         self.clients = {n: ClientRecord(n, i) for i, n in enumerate(names)}
         self._open: dict[str, TrainTask] = {}
         self._results: deque[ClientResult] = deque()
-        self._accepted: set[tuple[str, int]] = set()
-        self._held: set[tuple[str, int]] = set()  # queued or in the engine's hands, not released
-        self._rejections: dict[tuple[str, int], str] = {}  # released with a rejection, not yet told
+        # keys are (client, round, stage)
+        self._accepted: set[tuple[str, int, str]] = set()
+        self._held: set[tuple[str, int, str]] = set()  # queued or in the engine's hands, not released
+        self._rejections: dict[tuple[str, int, str], str] = {}  # released with a rejection, not yet told
         self._done = False
         # Updates of at least `spill_min_bytes` are received into a temporary file in
         # `spill_dir` (None: never); the server sets them when its strategy folds updates.
@@ -121,7 +145,7 @@ class GrpcTransport(Transport):
     def release(self, result: ClientResult, rejection: str | None = None) -> None:
         """The engine is done with `result`; `rejection` says why it refused it (None: taken)."""
         with self._cond:
-            key = (result.client, result.round)
+            key = (result.client, result.round, result_stage(result))
             if rejection is not None and key in self._held:
                 self._rejections[key] = rejection
             self._held.discard(key)
@@ -163,45 +187,45 @@ class GrpcTransport(Transport):
                     return None
                 self._cond.wait(left)
 
-    def check_open(self, client: str, round: int, base_version: int | None = None) -> None:
-        """Raise unless an update from `client` for `round` (built on `base_version`) may come now."""
+    def check_open(self, client: str, round: int, base_version: int | None = None, stage: str = UPDATE) -> None:
+        """Raise unless a result from `client` for `round` and `stage` (built on `base_version`) may come now."""
         with self._cond:
-            self._check_open(client, round, base_version)
+            self._check_open(client, round, base_version, stage)
 
-    def _check_open(self, client: str, round: int, base_version: int | None) -> None:
-        if (client, round) in self._accepted:
-            raise AlreadyReceivedError(
-                f"client {client!r} already pushed its round {round} update (or had it refused); one push per round"
-            )
+    def _check_open(self, client: str, round: int, base_version: int | None, stage: str) -> None:
+        if (client, round, stage) in self._accepted:
+            what = f"round {round} update" if stage == UPDATE else f"round {round} {stage} answer"
+            raise AlreadyReceivedError(f"client {client!r} already pushed its {what} (or had it refused); one push per round")
         task = self._open.get(client)
-        if task is None or task.round != round:
-            current = "none" if task is None else str(task.round)
-            raise RoundClosedError(
-                f"round {round} is not open for client {client!r} (its open round: {current}); update refused"
-            )
+        if task is None or task.round != round or stage_of(task) != stage:
+            current = "none" if task is None else f"{task.round}" + ("" if stage_of(task) == UPDATE else f" ({stage_of(task)})")
+            what = f"round {round}" if stage == UPDATE else f"round {round} ({stage})"
+            raise RoundClosedError(f"{what} is not open for client {client!r} (its open round: {current}); refused")
         if base_version is not None and base_version != task.version:
             raise RoundClosedError(
-                f"client {client!r}: the round {round} update says it is built on model version {base_version}, "
-                f"but the task sent it version {task.version}; update refused"
+                f"client {client!r}: the round {round} {'update' if stage == UPDATE else stage + ' answer'} says it is "
+                f"built on model version {base_version}, but the task sent it version {task.version}; refused"
             )
 
     def submit(self, result: ClientResult) -> None:
-        """Queue a result for the engine; raise if its round is not open or already received."""
+        """Queue a result for the engine; raise if its round and stage are not open or already received."""
         with self._cond:
-            self._check_open(result.client, result.round, None)
-            key = (result.client, result.round)
+            stage = result_stage(result)
+            self._check_open(result.client, result.round, None, stage)
+            key = (result.client, result.round, stage)
             self._accepted.add(key)
             if result.payload is not None:
                 self._held.add(key)
             del self._open[result.client]
-            self.clients[result.client].rounds_submitted.append(result.round)
+            if stage == UPDATE:
+                self.clients[result.client].rounds_submitted.append(result.round)
             self._results.append(result)
             self._cond.notify_all()
 
-    def wait_released(self, client: str, round: int, timeout_s: float) -> Verdict:
-        """Wait until the engine has released (client, round)'s update, with its rejection if any."""
+    def wait_released(self, client: str, round: int, timeout_s: float, stage: str = UPDATE) -> Verdict:
+        """Wait until the engine has released (client, round, stage)'s result, with its rejection if any."""
         end = time.monotonic() + timeout_s
-        key = (client, round)
+        key = (client, round, stage)
         with self._cond:
             while key in self._held and not self._done:
                 left = end - time.monotonic()
