@@ -145,12 +145,15 @@ class SlabDelta(Mapping):
 
     # ------------------------------------------------------------ use
 
-    def fold_into(self, acc: dict[str, torch.Tensor], weight: float) -> None:
-        """acc[name] += weight * delta[name], slab by slab."""
+    def fold_into(self, acc: dict[str, torch.Tensor], weight: float, assign: bool = False) -> None:
+        """acc[name] += weight * delta[name] (`assign`: acc[name] = weight * delta[name]), slab by slab."""
         for key in self.expected:
             flat = acc[key].view(-1)
             for lo, hi, slab in self._slabs(key):
-                flat[lo:hi].add_(slab, alpha=weight)
+                if assign:
+                    torch.mul(slab, weight, out=flat[lo:hi])
+                else:
+                    flat[lo:hi].add_(slab, alpha=weight)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.expected:

@@ -27,16 +27,29 @@ class RunningMean:
     """sum_i w_i * delta_i, folded one update at a time into fp32 accumulators."""
 
     def __init__(self, spec: dict[str, TensorSpec]):
-        self.acc = {n: torch.zeros(s.shape, dtype=torch.float32) for n, s in spec.items()}
+        self.spec = spec
+        self._acc: Params | None = None  # made by the first fold, which writes w * delta (no zero fill)
         self.weights: list[tuple[str, float]] = []  # (client, weight) in fold order
 
+    @property
+    def acc(self) -> Params:
+        if self._acc is None:
+            self._acc = {n: torch.zeros(s.shape, dtype=torch.float32) for n, s in self.spec.items()}
+        return self._acc
+
     def add(self, update: Update, weight: float) -> None:
+        first = self._acc is None  # 0 + w * delta is w * delta: the first fold writes it
+        if first:
+            self._acc = {n: torch.empty(s.shape, dtype=torch.float32) for n, s in self.spec.items()}
         fold_into = getattr(update.delta, "fold_into", None)
-        if fold_into is not None:  # a spilled update (`compression/slabs.py`): slab by slab
-            fold_into(self.acc, weight)
+        if fold_into is not None:  # a `SlabDelta` (`compression/slabs.py`): slab by slab
+            fold_into(self._acc, weight, first)
         else:
-            for name, acc in self.acc.items():
-                acc.add_(update.delta[name], alpha=weight)
+            for name, acc in self._acc.items():
+                if first:
+                    torch.mul(update.delta[name], weight, out=acc)
+                else:
+                    acc.add_(update.delta[name], alpha=weight)
         self.weights.append((update.client, weight))
 
     @property
