@@ -131,6 +131,11 @@ class FederationConfig(Section):
     strategy: StrategyConfig = StrategyConfig()
     max_update_bytes: int = Field(8 * 2**30, ge=1)
     round_timeout_s: float | None = Field(None, gt=0)  # deadline for a round's updates
+    # gRPC server: an update of at least spill_min_bytes waits in a temporary file in
+    # spill_dir (default: $TMPDIR) until it is checked and folded, when the strategy folds
+    # updates one at a time (MeanStrategy); null: always in memory
+    spill_min_bytes: int | None = Field(64 * 2**20, ge=0)
+    spill_dir: str | None = None
 
     @model_validator(mode="after")
     def _unique_names(self) -> "FederationConfig":

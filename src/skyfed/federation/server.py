@@ -32,8 +32,11 @@ from typing import Any
 import torch
 
 from skyfed.compression.channel import Downlink, fp32_bytes
-from skyfed.compression.payload import decode_payload
-from skyfed.compression.wire import TensorSpec
+from skyfed.compression.payload import decode_checked
+from skyfed.compression.slabs import SlabDelta, sliceable
+from skyfed.compression.spill import SpilledPayload
+from skyfed.compression.streamcheck import BlobCheck
+from skyfed.compression.wire import Framed, TensorSpec, all_finite, read_header
 from skyfed.errors import SkyfedError
 from skyfed.federation.messages import ClientResult, TrainTask, Update
 from skyfed.federation.strategies import Strategy
@@ -69,6 +72,9 @@ class Aggregate:
         if self.running is not None:
             t0 = time.perf_counter()
             self.strategy.fold(self.running, update)  # type: ignore[attr-defined]
+            close = getattr(update.delta, "close", None)
+            if close is not None:  # a spilled update: its file goes now
+                close()
             update.delta = {}  # folded: the tensors can go
             self.seconds += time.perf_counter() - t0
         self.updates.append(update)
@@ -131,7 +137,7 @@ class ServerCore:
 
     def publish(self, out: AggregateResult) -> None:
         """Adopt the strategy's new parameters as the next version; refused if not finite."""
-        bad = [n for n in self.param_names if not bool(torch.isfinite(out.params[n]).all())]
+        bad = [n for n in self.param_names if not all_finite(out.params[n])]
         if bad:
             raise SkyfedError(f"the aggregate is not finite in {bad[0]} (and {len(bad) - 1} more); the global model is unchanged")
         self._bind(out.params)
@@ -193,7 +199,7 @@ class ServerCore:
                 f"{who}: claims {tokens} tokens, its task allows at most {steps * self.max_tokens_per_step}"
             )
         spec = self.spec if self.lora is None else self.lora.spec_for(result.client, self.spec)
-        delta, header = decode_payload(result.payload, spec, self.max_update_bytes, what=who, views=True)
+        delta, header = self._tensors(result.payload, spec, who)
         expected = {"kind": "update", "round": round, "client": result.client, "base_version": version}
         for key, want in expected.items():
             if header.get(key) != want:
@@ -210,6 +216,37 @@ class ServerCore:
             holdout_loss=result.holdout_loss,
             bytes_up=len(result.payload),
         )
+
+    def _tensors(self, payload: Any, spec: dict[str, TensorSpec], who: str) -> tuple[Any, dict[str, Any]]:
+        """The validated delta and the payload's header, its CRC-32 checked once (on arrival
+        for a gRPC push: `compression/framing.py`). When updates are folded one at a time
+        (`streaming`, no LoRA server keeping them), a spilled payload (`compression/spill.py`)
+        or an encoded one (int8, ...) is validated in full and handed on as a `SlabDelta`
+        that decodes and folds slab by slab; a plain one in memory is read as views into its
+        buffer; a chain that does not decode by slabs is decoded whole (a spilled one read
+        back into memory first)."""
+        verdict = getattr(payload, "verdict", None)  # a plain update checked as it arrived
+        if verdict:
+            raise SkyfedError(verdict)
+        checked = verdict == ""
+        slabs = self.streaming and self.lora is None
+        if isinstance(payload, SpilledPayload):
+            header, start = payload.header, payload.blob_start
+            if slabs and sliceable(header):
+                return SlabDelta(payload, header, start, spec, who, values_checked=checked), header
+            payload = Framed(payload.read_all()).checked(header, start)
+        header, blob = read_header(payload, self.max_update_bytes)
+        if slabs and header.get("codecs") and sliceable(header):
+            return SlabDelta(payload, header, len(payload) - len(blob), spec, who), header
+        return decode_checked(header, blob, spec, what=who, views=True, values_checked=checked)
+
+    def blob_check(self, header: dict[str, Any], what: str) -> BlobCheck | None:
+        """For a receiver: this core's checks of a plain update's tensors and values, to run
+        on its blob as the chunks arrive (`compression/streamcheck.py`); None for an
+        encoded update, or with LoRA ranks (a client's shapes), checked here once it is in."""
+        if header.get("codecs") or self.lora is not None:
+            return None
+        return BlobCheck(self.spec, int(header["blob_bytes"]), what)
 
     # ------------------------------------------------------------ state
 

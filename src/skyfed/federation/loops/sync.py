@@ -120,8 +120,8 @@ class SyncLoop:
             w.fp32_up += core.fp32_bytes(got.client)
             w.bytes_up[got.client] = got.bytes_up
             w.train_loss[got.client].append(got.train_loss)
+            self.transport.release(result)  # validated: the client may hear so while it is folded
             aggregate.add(got)
-            self.transport.release(result)
             w.accepted.append(got.client)
         if self.secure is not None:
             self._publish_secure(w)

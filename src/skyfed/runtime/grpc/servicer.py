@@ -55,16 +55,18 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from skyfed.compression import strictjson
-from skyfed.compression.wire import TensorSpec, read_header
+from skyfed.compression.framing import FrameReader
+from skyfed.compression.wire import TensorSpec
 from skyfed.errors import AuthError, PayloadTooLargeError, SkyfedError, WireFormatError
 from skyfed.federation.messages import ClientResult, TrainTask
+from skyfed.heap import release_free_memory
 from skyfed.runtime.grpc import PROTOCOL_VERSION, skyfed_pb2 as pb
 from skyfed.runtime.grpc import skyfed_pb2_grpc as pb_grpc
 from skyfed.runtime.grpc.auth import (
     META_NAME, META_PROTOCOL, META_SESSION, META_TOKEN, check_certificate, check_token, metadata_dict,
     new_session_id, same_secret,
 )
-from skyfed.runtime.grpc.chunks import Assembler, iter_views
+from skyfed.runtime.grpc.chunks import Assembler, Pipeline, iter_views
 from skyfed.runtime.grpc.limits import CallBounds, CallLimits, LimitExceeded, Ticket, Watchdog
 from skyfed.runtime.grpc.monitor import NO_MONITOR
 from skyfed.runtime.grpc.rawchunks import data_of, encode_data_chunk
@@ -437,7 +439,10 @@ class FederationServicer(pb_grpc.FederationServicer):
                 raise PayloadTooLargeError(f"{what}: {h.payload_bytes} bytes exceeds the limit: {why}")
             if h.payload_bytes <= 0:
                 raise WireFormatError(f"{what}: announced size {h.payload_bytes} is not positive")
-            result.payload = self._receive(call, request_iterator, h, what, stage, limit)
+            try:
+                result.payload = self._receive(call, request_iterator, h, what, stage, limit)
+            finally:
+                release_free_memory()  # the chunks' memory, kept by this thread's arena
         call.pending = None
         self.transport.submit(result)
         del result  # the engine owns the payload now (this thread holds no other reference)
@@ -457,31 +462,47 @@ class FederationServicer(pb_grpc.FederationServicer):
         return pb.PushReply(accepted=True, message=f"round {round} update received")
 
     def _receive(self, call: _Call, request_iterator: Iterator[bytes], h: pb.UpdateHeader, what: str,
-                 stage: str, limit: int) -> bytearray:
-        """The update's bytes in one preallocated buffer; framing, CRC-32 and header checked."""
-        buf = Assembler(h.payload_bytes, what)
-        while True:
-            call.ticket.waiting()
-            try:
-                item = next(request_iterator, None)
-            finally:
-                call.ticket.done_waiting()
-            if item is None:
-                break
-            kind, data = _parts(item)
-            if kind != "data":
-                raise WireFormatError(f"{what}: a second header inside the stream")
+                 stage: str, limit: int):
+        """The update's bytes (in memory, or spilled to a file when large: `GrpcTransport.receive_buffer`),
+        framing, sizes, CRC-32 and header checked as the chunks arrive (`FrameReader`, on a
+        helper thread: `Pipeline`): the engine's decode does not check the CRC again. A
+        plain update's tensors and values are checked on the way too, by the engine's
+        own rules (`GrpcTransport.blob_check`); the engine turns a problem into its rejection.
+        A secure-aggregation control answer is small: kept in memory, its header checked."""
+        update = stage == UPDATE
+        frame = FrameReader(h.payload_bytes, limit, what, self.transport.blob_check if update else None)
+        buf = self.transport.receive_buffer(h.payload_bytes, what) if update else Assembler(h.payload_bytes, what)
+
+        def consume(data: memoryview) -> None:
+            frame.feed(data)
             buf.add(data)
-        payload = buf.finish()
+
+        pipe = Pipeline(consume)
         try:
-            header, blob = read_header(payload, limit)  # framing, sizes, CRC-32
-        except WireFormatError as exc:
-            raise type(exc)(f"{what}: {exc}") from None
-        if stage == UPDATE:
-            _check_payload_header(header, h, call.name, what)
-        else:  # kind, stage, round, the authenticated client, no tensors
-            check_control_header(header, len(blob), stage, h.round, call.name)
-        return payload
+            while True:
+                call.ticket.waiting()
+                try:
+                    item = next(request_iterator, None)
+                finally:
+                    call.ticket.done_waiting()
+                if item is None:
+                    break
+                kind, data = _parts(item)
+                if kind != "data":
+                    raise WireFormatError(f"{what}: a second header inside the stream")
+                pipe.put(data)
+                del item, data  # not held here while the next chunk arrives
+            pipe.finish()
+            header = frame.finish()
+            if update:
+                _check_payload_header(header, h, call.name, what)
+            else:  # kind, stage, round, the authenticated client, no tensors
+                check_control_header(header, h.payload_bytes - frame.blob_start, stage, h.round, call.name)
+            return buf.finish(header, frame.blob_start, frame.verdict)
+        except BaseException:
+            pipe.abort()
+            buf.close()
+            raise
 
     def _record_refusal(self, result: ClientResult, reason: str) -> None:
         """Tell the engine (the round must not wait for this client); drop the payload."""

@@ -21,11 +21,12 @@ one at a time, and the answer to each is accepted only while that stage's task i
 client's open one.
 
 Backpressure: the servicer answers a push only once the engine has released the update
-(`release`: decoded and folded into the round's aggregate, or rejected with a reason
-that `wait_released` hands to the servicer for the client), or after `wait_released`'s
-timeout. A client's next upload then never overlaps the server still folding its last
-one, so the server holds the running aggregate, the update being folded and the
-uploads in flight, never a queue of received updates.
+(`release`: validated and taken into the round, or rejected with a reason that
+`wait_released` hands to the servicer for the client), or after `wait_released`'s
+timeout. The server holds the running aggregate, the update being folded and the
+uploads in flight, never a queue of received updates; an upload of at least
+`spill_min_bytes` (`federation.spill_min_bytes`) waits in a temporary file, not in
+memory (`receive_buffer`).
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from skyfed.compression.spill import SpillWriter
 from skyfed.errors import SkyfedError
 from skyfed.federation.messages import ClientResult, TrainTask
 from skyfed.federation.transport import Transport
+from skyfed.runtime.grpc.chunks import Assembler
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,13 @@ class GrpcTransport(Transport):
         self._held: set[tuple[str, int, str]] = set()  # queued or in the engine's hands, not released
         self._rejections: dict[tuple[str, int, str], str] = {}  # released with a rejection, not yet told
         self._done = False
+        # Updates of at least `spill_min_bytes` are received into a temporary file in
+        # `spill_dir` (None: never); the server sets them when its strategy folds updates.
+        self.spill_min_bytes: int | None = None
+        self.spill_dir: str | None = None
+        # The engine's checks of a plain update's tensors, run as its chunks arrive
+        # (`ServerCore.blob_check`); None: the engine checks once the update is in.
+        self.blob_check = None
 
     # ------------------------------------------------------------ engine side
 
@@ -148,6 +158,13 @@ class GrpcTransport(Transport):
             self._cond.notify_all()
 
     # ------------------------------------------------------------ servicer side
+
+    def receive_buffer(self, size: int, what: str) -> Assembler | SpillWriter:
+        """Where an update of `size` bytes is received: one buffer in memory, or a spill
+        file for a large one when the engine folds updates slab by slab (`compression/slabs.py`)."""
+        if self.spill_min_bytes is not None and size >= self.spill_min_bytes:
+            return SpillWriter(size, self.spill_dir, what)
+        return Assembler(size, what)
 
     @property
     def done(self) -> bool:
