@@ -99,9 +99,16 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
+    """Validation of the global model (skyfed.eval_plan): every `interval` rounds and
+    after the last round, on at most `max_batches` batches and at most `max_tokens`
+    predicted tokens (both caps apply; None = no cap), then once more after the run on
+    `final_max_batches` batches (None = the whole split)."""
+
     batch_size: int = Field(16, ge=1)
-    max_batches: int | None = Field(16, ge=1)  # per round; None = the whole split
-    final_max_batches: int | None = Field(None, ge=1)  # after the last round
+    max_batches: int | None = Field(16, ge=1)  # per evaluated round; None = no batch cap
+    max_tokens: int | None = Field(None, ge=1)  # per evaluated round: windows of seq_len predicted tokens
+    interval: int = Field(1, ge=1)  # evaluate rounds interval-1, 2*interval-1, ... and always the last
+    final_max_batches: int | None = Field(None, ge=1)  # after the last round; None = the whole split
 
 
 class ClientSpec(Section):

@@ -104,8 +104,8 @@ def new_model(cfg: ExperimentConfig, tokenizer, lora_rank: int | None = None) ->
 
 
 def make_evaluator(cfg: ExperimentConfig, valid_tokens: np.ndarray, device: torch.device):
-    def run_eval(model: torch.nn.Module, max_batches: int | None) -> EvalResult:
-        return evaluate(model, valid_tokens, cfg.train.seq_len, cfg.eval.batch_size, device, max_batches)
+    def run_eval(model: torch.nn.Module, max_batches: int | None, max_tokens: int | None = None) -> EvalResult:
+        return evaluate(model, valid_tokens, cfg.train.seq_len, cfg.eval.batch_size, device, max_batches, max_tokens)
 
     return run_eval
 
