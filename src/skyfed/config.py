@@ -111,12 +111,25 @@ class EvalConfig(Section):
     final_max_batches: int | None = Field(None, ge=1)  # after the last round; None = the whole split
 
 
+class DegradeSpec(Section):
+    """Make one client's training text worse on purpose, to study clouds of unequal data
+    quality (skyfed.data.degrade); validation stays clean. shuffle: `fraction` of the
+    token positions are permuted among themselves; duplicate: only the first
+    1 - fraction of the shard is kept, repeated to the shard's length; noise: `fraction`
+    of the positions get uniformly random token ids."""
+
+    kind: Literal["shuffle", "duplicate", "noise"]
+    fraction: float = Field(1.0, ge=0, le=1)
+    seed: int | None = None  # defaults to the experiment seed (and the client's index)
+
+
 class ClientSpec(Section):
     name: str
     cloud: str | None = None  # the cloud profile; defaults to the name
     data: str | None = None  # the client's own corpus (deployment); else a partition
     # LoRA: this client's adapter rank, at most model.peft.r (HetLoRA, skyfed.lora_ranks); None = model.peft.r
     lora_r: int | None = Field(None, ge=1)
+    degrade: DegradeSpec | None = None  # e.g. {kind: shuffle, fraction: 1.0}: this client's training text, degraded
 
 
 class StrategyConfig(Section):

@@ -88,6 +88,10 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
         if len(tokens) < need:
             raise DataError(f"client {name!r} has {len(tokens)} training tokens, need at least {need} for one window")
     ordered = {c.name: client_tokens[c.name] for c in specs}
+    if any(c.degrade is not None for c in specs):
+        from skyfed.data.degrade import degrade_clients
+
+        ordered = degrade_clients(cfg, ordered, len(tokenizer))  # federation.clients[].degrade; valid stays clean
     pooled = np.concatenate(list(ordered.values()))
     return PreparedData(
         tokenizer, tok_key, train, valid, ordered, client_docs, unigram_perplexity(pooled, valid.tokens, len(tokenizer)),
