@@ -8,13 +8,14 @@ against its oracle twin, plain FedAvg and the old softmax weighting.
 
 Variants (all on the same five clouds, shards and degraded text):
   robust   degraded.yaml as written: dynamic, server score, mapping robust
+  robust-holdout  the same, scored on each cloud's own (degraded) holdout slice
   softmax  dynamic with the strategy's defaults (holdout score, softmax at 0.1, 5% floor)
   fedavg   degraded-oracle.yaml with exclude=[]: every cloud, token weights
   oracle   degraded-oracle.yaml: FedAvg of the three clean clouds only
 
 Writes bench/results/degraded[_tiny].json: per variant and seed the final validation
 perplexity (whole split), its ratio to the oracle's, the per-round strategy weights and
-their mean, the clean clouds' weight spread (max / min of the mean weights), the
+their mean, the dynamic strategy's scores per round, the clean clouds' weight spread (max / min of the mean weights), the
 degraded clouds' mean total weight, with the command and load average.
 """
 
@@ -35,6 +36,7 @@ TINY = ["model.preset=gpt2-micro", "tokenizer.vocab_size=512", "data.max_train_t
         "train.warmup_steps=2", "federation.rounds=4", "eval.max_batches=2", "eval.batch_size=8"]
 VARIANTS = {
     "robust": ("degraded.yaml", ["federation.strategy.params.server_tokens=1024"]),
+    "robust-holdout": ("degraded.yaml", ["federation.strategy.params.score=holdout"]),
     "softmax": ("degraded.yaml", ["federation.strategy.params={}"]),
     "fedavg": ("degraded-oracle.yaml", ["federation.strategy.params.exclude=[]"]),
     "oracle": ("degraded-oracle.yaml", []),
@@ -61,6 +63,7 @@ def run_variant(name: str, sets: list[str], out: Path) -> dict:
         "val_tokens": result.summary["final"]["val_tokens"],
         "ppl_curve": [r.get("val_ppl") for r in rows],
         "weights_by_round": weights,
+        "scores_by_round": [r.get("scores") for r in rows],  # the dynamic strategy's loss per cloud
         "mean_weights": mean,
         "clean_weight_spread": (max(mean[c] for c in clean) / min(mean[c] for c in clean))
         if clean and min(mean[c] for c in clean) > 0 else None,
