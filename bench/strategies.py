@@ -39,7 +39,7 @@ def default_params(name: str, num_clients: int) -> dict[str, Any]:
 def time_to_target(rows: list[dict[str, Any]], target_ppl: float) -> dict[str, Any]:
     """First metrics line whose val_ppl <= target: budget fraction and simulated seconds."""
     for i, row in enumerate(rows):
-        if row["val_ppl"] <= target_ppl:
+        if row.get("val_ppl") is not None and row["val_ppl"] <= target_ppl:  # eval.interval: some rows have none
             return {
                 "reached": True,
                 "budget_fraction": (i + 1) / len(rows),

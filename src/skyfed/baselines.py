@@ -24,6 +24,7 @@ import torch
 
 from skyfed.config import ExperimentConfig
 from skyfed.errors import ConfigError
+from skyfed.eval_plan import eval_fields, evaluate_round, evaluation_due
 from skyfed.federation.engine import EventSink
 from skyfed.metrics import RunDir
 from skyfed.model import num_parameters
@@ -67,11 +68,13 @@ def run_baseline(
         emit("round_start", {"round": r, "clients": [kind]})
         stats = trainer.train(pooled, steps_per_round, rng, on_step=on_step, sample=sample)
         tokens_total += stats.tokens
-        ev = evaluator(model, cfg.eval.max_batches)
+        t_eval, ev = time.perf_counter(), None
+        if evaluation_due(r, rounds, cfg.eval.interval):
+            ev = evaluate_round(evaluator, model, cfg.eval.max_batches, cfg.eval.max_tokens)
         record = {
-            "round": r, "train_loss": {kind: stats.loss_mean}, "val_loss": ev.loss, "val_ppl": ev.ppl,
-            "val_token_acc": ev.token_acc, "bytes_up": 0, "bytes_down": 0, "tokens": tokens_total,
-            "compute_s": {kind: stats.seconds}, "wall_time_s": time.perf_counter() - t0,
+            "round": r, "train_loss": {kind: stats.loss_mean}, **eval_fields(ev), "bytes_up": 0, "bytes_down": 0,
+            "tokens": tokens_total, "compute_s": {kind: stats.seconds}, "eval_s": 0.0 if ev is None else time.perf_counter() - t_eval,
+            "wall_time_s": time.perf_counter() - t0,
         }
         ctx.run_dir.append_metrics(record)
         emit("round_end", record)

@@ -99,9 +99,28 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
+    """Validation of the global model (skyfed.eval_plan): every `interval` rounds and
+    after the last round, on at most `max_batches` batches and at most `max_tokens`
+    predicted tokens (both caps apply; None = no cap), then once more after the run on
+    `final_max_batches` batches (None = the whole split)."""
+
     batch_size: int = Field(16, ge=1)
-    max_batches: int | None = Field(16, ge=1)  # per round; None = the whole split
-    final_max_batches: int | None = Field(None, ge=1)  # after the last round
+    max_batches: int | None = Field(16, ge=1)  # per evaluated round; None = no batch cap
+    max_tokens: int | None = Field(None, ge=1)  # per evaluated round: windows of seq_len predicted tokens
+    interval: int = Field(1, ge=1)  # evaluate rounds interval-1, 2*interval-1, ... and always the last
+    final_max_batches: int | None = Field(None, ge=1)  # after the last round; None = the whole split
+
+
+class DegradeSpec(Section):
+    """Make one client's training text worse on purpose, to study clouds of unequal data
+    quality (skyfed.data.degrade); validation stays clean. shuffle: `fraction` of the
+    token positions are permuted among themselves; duplicate: only the first
+    1 - fraction of the shard is kept, repeated to the shard's length; noise: `fraction`
+    of the positions get uniformly random token ids."""
+
+    kind: Literal["shuffle", "duplicate", "noise"]
+    fraction: float = Field(1.0, ge=0, le=1)
+    seed: int | None = None  # defaults to the experiment seed (and the client's index)
 
 
 class ClientSpec(Section):
@@ -110,6 +129,7 @@ class ClientSpec(Section):
     data: str | None = None  # the client's own corpus (deployment); else a partition
     # LoRA: this client's adapter rank, at most model.peft.r (HetLoRA, skyfed.lora_ranks); None = model.peft.r
     lora_r: int | None = Field(None, ge=1)
+    degrade: DegradeSpec | None = None  # e.g. {kind: shuffle, fraction: 1.0}: this client's training text, degraded
 
 
 class StrategyConfig(Section):

@@ -50,6 +50,13 @@ class RunData:
             return None
         return np.asarray([float(r[key]) for r in self.rows])
 
+    def evaluated_series(self, key: str) -> np.ndarray | None:
+        """Values of `key` per round, NaN where the round was not evaluated (eval.interval);
+        None if no row has it."""
+        if not any(r.get(key) is not None for r in self.rows):
+            return None
+        return np.asarray([float(r[key]) if r.get(key) is not None else np.nan for r in self.rows])
+
     def rounds(self) -> np.ndarray:
         return np.asarray([int(r.get("round", i)) + 1 for i, r in enumerate(self.rows)], dtype=float)
 
@@ -244,8 +251,11 @@ def plot_metric(groups: list[Group], axis: str, metric: str, out: Path, title: s
     for g in groups:
         xs, ys = [], []
         for run in g.runs:
-            x, y = xfn(run), run.series(key)
+            x, y = xfn(run), run.evaluated_series(key)
             if x is None or y is None or len(x) == 0:
+                continue
+            x, y = x[~np.isnan(y)], y[~np.isnan(y)]  # rounds that eval.interval did not evaluate
+            if len(x) == 0:
                 continue
             if axis == "bytes" and x[-1] <= 0:
                 continue  # a centralized baseline communicates nothing

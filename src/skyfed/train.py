@@ -142,6 +142,17 @@ def eval_windows(num_tokens: int, seq_len: int, max_windows: int | None) -> np.n
     return np.linspace(0, n_all - 1, max_windows).round().astype(np.int64) * seq_len
 
 
+def eval_window_budget(seq_len: int, batch_size: int, max_batches: int | None, max_tokens: int | None) -> int | None:
+    """How many windows of `seq_len` predicted tokens an evaluation may use: at most
+    `max_batches` batches and at most `max_tokens` tokens (at least one window); None = all."""
+    caps = []
+    if max_batches is not None:
+        caps.append(max_batches * batch_size)
+    if max_tokens is not None:
+        caps.append(max(1, max_tokens // seq_len))
+    return min(caps) if caps else None
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -150,12 +161,14 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     max_batches: int | None = None,
+    max_tokens: int | None = None,
 ) -> EvalResult:
-    """Mean loss, perplexity and next-token top-1 accuracy on fixed windows."""
+    """Mean loss, perplexity and next-token top-1 accuracy on fixed windows, evenly spread
+    over `tokens`: all of them, or as many as `eval_window_budget` allows."""
     was_training = model.training
     model.eval()
     seq_len = min(seq_len, len(tokens) - 1)
-    starts = eval_windows(len(tokens), seq_len, None if max_batches is None else max_batches * batch_size)
+    starts = eval_windows(len(tokens), seq_len, eval_window_budget(seq_len, batch_size, max_batches, max_tokens))
     total_loss, correct, count = 0.0, 0, 0
     for b in range(0, len(starts), batch_size):
         idx = starts[b : b + batch_size, None] + np.arange(seq_len + 1)[None, :]

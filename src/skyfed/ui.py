@@ -58,8 +58,9 @@ class ProgressView(ConsoleProgress):
         elif kind == "round_end":
             self.progress.advance(self.rounds)
             self.progress.console.log(
-                f"round {data['round'] + 1}: val ppl {data['val_ppl']:.1f}, acc {data['val_token_acc']:.3f}, "
-                f"up {data['bytes_up'] / 1e6:.2f} MB, down {data['bytes_down'] / 1e6:.2f} MB"
+                f"round {data['round'] + 1}: "
+                + (f"val ppl {data['val_ppl']:.1f}, acc {data['val_token_acc']:.3f}, " if "val_ppl" in data else "not evaluated, ")
+                + f"up {data['bytes_up'] / 1e6:.2f} MB, down {data['bytes_down'] / 1e6:.2f} MB"
                 + (f", sim {data['sim_time_s']:.2f} s, egress ${data['egress_cost_usd']['total']:.4f}" if "sim_time_s" in data else "")
                 + (f", missing {data['missing']}" if data.get("missing") else "")
                 + (f", rejected {list(data['rejected'])}" if data.get("rejected") else "")

@@ -55,7 +55,9 @@ class Engine:
         from skyfed.lora_server import lora_server
 
         self.core.lora = lora_server(cfg, model, self.core.spec, strategy)  # LoRA ranks per client, exact aggregation
-        self.closer = WindowCloser(self.core, evaluator, cfg.eval.max_batches, run, on_event)
+        ev = cfg.eval
+        self.closer = WindowCloser(self.core, evaluator, ev.max_batches, run, on_event, ev.max_tokens, ev.interval,
+                                   cfg.federation.rounds)
         loop_cls = AsyncLoop if strategy.asynchronous else SyncLoop
         if strategy.asynchronous and cfg.security.secure_aggregation:  # FedBuff: one secure sum per buffer
             from skyfed.federation.loops.secure_buffer import SecureBufferLoop

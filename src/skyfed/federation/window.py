@@ -1,7 +1,8 @@
 """Closing a window: the one place a round (or an asynchronous window) becomes a record.
 
 Both loop policies collect what happened into a `Window` and hand it to
-`WindowCloser.close`, which evaluates the global model, adds the window's bytes to the
+`WindowCloser.close`, which evaluates the global model (when `eval.interval` says so,
+skyfed.eval_plan), adds the window's bytes to the
 totals, builds the metrics.jsonl line (the same keys for both loops; the asynchronous
 loop adds its own fields through `Window.extra`), lets every observer add its fields
 (the simulated clock and egress bill, the privacy accountant, trackers), appends the
@@ -18,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from skyfed.eval_plan import eval_fields, evaluate_round, evaluation_due
 from skyfed.federation.server import ServerCore
 from skyfed.metrics import RunDir
 from skyfed.train import EvalResult
@@ -76,10 +78,16 @@ class WindowCloser:
         eval_batches: int | None,
         run_dir: RunDir,
         on_event: EventSink | None = None,
+        eval_tokens: int | None = None,  # eval.max_tokens
+        eval_interval: int = 1,  # eval.interval
+        rounds: int | None = None,  # federation.rounds: the last one is always evaluated
     ):
         self.core = core
         self.evaluator = evaluator
         self.eval_batches = eval_batches
+        self.eval_tokens = eval_tokens
+        self.eval_interval = eval_interval
+        self.rounds = rounds
         self.run_dir = run_dir
         self.on_event = on_event or (lambda kind, data: None)
         self.stopwatch = Stopwatch()
@@ -97,8 +105,10 @@ class WindowCloser:
     def close(self, w: Window) -> dict[str, Any]:
         core = self.core
         t_eval = time.perf_counter()
-        ev = self.evaluator(core.model, self.eval_batches)
-        eval_s = time.perf_counter() - t_eval
+        ev = None
+        if self.rounds is None or evaluation_due(w.round, self.rounds, self.eval_interval):
+            ev = evaluate_round(self.evaluator, core.model, self.eval_batches, self.eval_tokens)
+        eval_s = 0.0 if ev is None else time.perf_counter() - t_eval
         up, down = dict(w.bytes_up), dict(w.bytes_down)
         core.totals["bytes_up"] += sum(up.values())
         core.totals["bytes_down"] += sum(down.values())
@@ -111,9 +121,7 @@ class WindowCloser:
             "unreachable": w.unreachable,
             "rejected": w.rejected,
             "train_loss": {c: float(np.mean(v)) for c, v in w.train_loss.items()},
-            "val_loss": ev.loss,
-            "val_ppl": ev.ppl,
-            "val_token_acc": ev.token_acc,
+            **eval_fields(ev),
             "bytes_up": sum(up.values()),
             "bytes_down": sum(down.values()),
             "bytes_up_by_client": up,

@@ -211,6 +211,9 @@ def finish(ctx: RunContext, extra: dict[str, Any]) -> dict[str, Any]:
         from skyfed.security.privacy import privacy_summary
 
         fields.update(privacy_summary(ctx.privacy))
+    from skyfed.eval_plan import eval_summary
+
+    fields["eval"] = eval_summary(ctx.cfg, ctx.run_dir.read_metrics(), final, len(ctx.data.valid.tokens))
     summary = build_summary(ctx.run_dir, final, ctx.data.unigram_ppl, time.perf_counter() - ctx.started, fields)
     ctx.run_dir.write_summary(summary)
     if isinstance(ctx, Run):

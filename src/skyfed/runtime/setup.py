@@ -88,6 +88,10 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
         if len(tokens) < need:
             raise DataError(f"client {name!r} has {len(tokens)} training tokens, need at least {need} for one window")
     ordered = {c.name: client_tokens[c.name] for c in specs}
+    if any(c.degrade is not None for c in specs):
+        from skyfed.data.degrade import degrade_clients
+
+        ordered = degrade_clients(cfg, ordered, len(tokenizer))  # federation.clients[].degrade; valid stays clean
     pooled = np.concatenate(list(ordered.values()))
     return PreparedData(
         tokenizer, tok_key, train, valid, ordered, client_docs, unigram_perplexity(pooled, valid.tokens, len(tokenizer)),
@@ -104,8 +108,8 @@ def new_model(cfg: ExperimentConfig, tokenizer, lora_rank: int | None = None) ->
 
 
 def make_evaluator(cfg: ExperimentConfig, valid_tokens: np.ndarray, device: torch.device):
-    def run_eval(model: torch.nn.Module, max_batches: int | None) -> EvalResult:
-        return evaluate(model, valid_tokens, cfg.train.seq_len, cfg.eval.batch_size, device, max_batches)
+    def run_eval(model: torch.nn.Module, max_batches: int | None, max_tokens: int | None = None) -> EvalResult:
+        return evaluate(model, valid_tokens, cfg.train.seq_len, cfg.eval.batch_size, device, max_batches, max_tokens)
 
     return run_eval
 

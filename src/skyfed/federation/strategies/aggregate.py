@@ -72,6 +72,22 @@ def inverse_weights(losses: Sequence[float], power: float) -> list[float]:
     return normalize([float(l) ** -power for l in losses])
 
 
+def robust_weights(losses: Sequence[float], k: float, min_margin: float) -> list[float]:
+    """1 for every loss up to median + max(k * MAD, min_margin) (`mad_band`), then a
+    Gaussian tail exp(-z^2 / 2) past it, z in units of that margin / k (about one MAD);
+    normalized. Scale-free where softmax is not: clients whose losses differ by their usual
+    spread weigh the same, and only a loss far above the round's median is pushed out."""
+    from skyfed.federation.strategies.robust.robust_math import mad_band
+
+    low, high = mad_band(losses, k, min_margin)
+    width = (high - low) / 2 / k if math.isfinite(high) and k > 0 else math.inf
+    out = []
+    for l in losses:
+        excess = float(l) - high
+        out.append(1.0 if excess <= 0 or math.isinf(width) else math.exp(-0.5 * (excess / width) ** 2))
+    return normalize(out)
+
+
 def apply_floor(weights: Sequence[float], floor: float) -> list[float]:
     """Normalized weights in which every share is at least `floor` (0 <= floor <= 1/n).
 

@@ -15,10 +15,23 @@ Here:
   holds (`server_tokens` long), through the `evaluate_params(params) -> loss` callable
   the runtime gives at construction;
 - mapping "softmax": w_i ∝ exp(-loss_i / temperature); "inverse": w_i ∝ loss_i^-power;
+  "robust": w_i ∝ 1 up to median + max(k * MAD, min_margin) of the round's losses, then a
+  Gaussian tail (`aggregate.robust_weights`);
 - use_tokens: w_i ∝ n_i * mapping(loss_i);
-- floor: every share is at least min(floor, 1/n) (the rest renormalized).
+- floor: every share is at least min(floor, 1/n) (the rest renormalized); default 0.05
+  for softmax and inverse, 0 for robust.
 
 With equal losses it is exactly token-weighted FedAvg.
+
+Why "robust" (issue 17): softmax at temperature 0.1 turns a 0.14-nat gap between two
+equal IID clouds into weights 0.18 / 0.77, because the temperature is an absolute loss
+scale while loss gaps depend on the model, the data and the round; and its 5% floor
+still lets a junk cloud in. The robust mapping measures a loss against the round's own
+spread (median and median absolute deviation, the Hampel identifier: Hampel 1974,
+"The influence curve and its role in robust estimation", JASA; as `loss_filter` does
+for defence), so clients within their usual spread get token weights and only an
+outlying loss loses weight, smoothly. With fewer than three clients, or half of them
+degraded, the median cannot tell good from bad and it falls back to token weights.
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ from skyfed.federation.strategies.aggregate import (
     apply_floor,
     inverse_weights,
     normalize,
+    robust_weights,
     softmax_weights,
     weighted_mean,
 )
@@ -65,17 +79,23 @@ class DynamicWeighted(Strategy):
         temperature: float = 0.1,
         power: float = 1.0,
         use_tokens: bool = True,
-        floor: float = 0.05,
+        floor: float | None = None,  # None: 0.05, or 0 for mapping robust
+        k: float = 2.0,  # robust: full weight up to median + k MADs
+        # robust: ... or median + min_margin (nats), if larger. 0.05: clean IID clouds' losses
+        # spread up to 0.054 nats in a round of bench/results/degraded_tiny_8x20.json
+        min_margin: float = 0.05,
         holdout_tokens: int = 2048,
         server_tokens: int = 4096,
         evaluate_params: ParamsEvaluator | None = None,
     ):
         self.score = choice("score", score, ["holdout", "server"])
-        self.mapping = choice("mapping", mapping, ["softmax", "inverse"])
+        self.mapping = choice("mapping", mapping, ["softmax", "inverse", "robust"])
         self.temperature = number("temperature", temperature, 0.0, lo_open=True)
         self.power = number("power", power, 0.0)
         self.use_tokens = flag("use_tokens", use_tokens)
-        self.floor = number("floor", floor, 0.0, 1.0)
+        self.floor = number("floor", (0.0 if self.mapping == "robust" else 0.05) if floor is None else floor, 0.0, 1.0)
+        self.k = number("k", k, 0.0, lo_open=True)
+        self.min_margin = number("min_margin", min_margin, 0.0)
         self.holdout_tokens = integer("holdout_tokens", holdout_tokens, 1)
         self.server_tokens = integer("server_tokens", server_tokens, 1)  # read by the runtime's server set
         if self.score == "server" and evaluate_params is None:
@@ -118,7 +138,12 @@ class DynamicWeighted(Strategy):
             worst = max(finite)
             # a non-finite loss gets weight zero before the floor
             scored = [l if math.isfinite(l) else worst for l in losses]
-            perf = softmax_weights(scored, self.temperature) if self.mapping == "softmax" else inverse_weights(scored, self.power)
+            if self.mapping == "softmax":
+                perf = softmax_weights(scored, self.temperature)
+            elif self.mapping == "inverse":
+                perf = inverse_weights(scored, self.power)
+            else:
+                perf = robust_weights(scored, self.k, self.min_margin)
             perf = [p if math.isfinite(l) else 0.0 for p, l in zip(perf, losses)]
         raw = [p * n for p, n in zip(perf, tokens)] if self.use_tokens else perf
         if sum(raw) <= 0:

@@ -24,6 +24,7 @@ class FedProx(FedAvg):
     paper = "Li et al. 2020, arXiv:1812.06127"
 
     def __init__(self, mu: float = 0.01):
+        super().__init__()
         self.mu = number("mu", mu, 0.0)
 
     def client_options(self, round: int) -> dict[str, Any]:

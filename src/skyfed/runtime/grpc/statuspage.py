@@ -78,7 +78,8 @@ def render_status_page(status: dict[str, Any]) -> str:
             f"<td>{_num(c['train_loss'])}</td>"
             "</tr>"
         )
-    last = status["history"][-1] if status["history"] else {}
+    evaluated = [h for h in status["history"] if "val_ppl" in h]  # eval.interval skips rounds
+    last = evaluated[-1] if evaluated else {}
     current = "–" if status["round"] is None else f"{status['round']} of {status['rounds']} (0-based)"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">

@@ -93,6 +93,11 @@ def check_config(cfg: Any) -> None:
             "security.secure_aggregation with fedbuff cannot cap max_client_share: a buffer is one secure sum of a "
             "cohort of distinct clients (federation/loops/secure_buffer.py), not a stream of single arrivals to cap"
         )
+    if cfg.federation.strategy.name == "fedavg" and cfg.federation.strategy.params.get("exclude"):
+        raise ConfigError(
+            "security.secure_aggregation with fedavg cannot exclude clients: each client weights its own share of "
+            "the secure sum; drop federation.strategy.params.exclude (an oracle baseline for simulation)"
+        )
     sa, n = cfg.security.secagg, len(cfg.federation.clients)
     if n < 2:
         raise ConfigError("security.secure_aggregation needs at least 2 clients (3 or more to hide anyone's update)")

@@ -1,0 +1,60 @@
+"""configs/frontier/ (issue 17): every YAML loads and passes the pre-run checks; the
+degraded pair runs end to end on tiny settings."""
+
+from pathlib import Path
+
+import pytest
+
+import skyfed
+from skyfed.config import load_config
+from skyfed.runtime.assemble import check_config
+
+FRONTIER = Path(__file__).resolve().parents[1] / "configs" / "frontier"
+CONFIGS = sorted(FRONTIER.glob("*.yaml"))
+TINY = ["model.preset=gpt2-micro", "tokenizer.vocab_size=512", "data.max_train_tokens=60000",
+        "data.max_valid_tokens=8000", "train.local_steps=3", "train.batch_size=4", "train.seq_len=32",
+        "train.warmup_steps=1", "federation.rounds=2", "eval.max_batches=2", "eval.batch_size=8",
+        "federation.strategy.params.server_tokens=512"]
+
+
+def test_the_named_configs_exist_and_the_unmet_goals_do_not():
+    names = {p.name for p in CONFIGS}
+    assert {"fedavg-fp32.yaml", "degraded.yaml", "degraded-oracle.yaml"} <= names
+    assert not names & {"bytes.yaml", "quality.yaml"}  # goals 1 and 2 are not met yet
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_frontier_config_loads(path):
+    cfg = load_config(path)
+    check_config(cfg)
+    assert cfg.name.startswith("frontier-")
+
+
+def test_fedavg_fp32_is_the_issue_setting():
+    cfg = load_config(FRONTIER / "fedavg-fp32.yaml")
+    assert (cfg.model.preset, cfg.federation.rounds, cfg.train.local_steps) == ("gpt2-tiny", 10, 40)
+    assert [c.name for c in cfg.federation.clients] == ["aws", "gcp", "azure"]
+    assert (cfg.data.partition.method, cfg.data.partition.alpha) == ("dirichlet", 0.1)
+    assert cfg.federation.strategy.name == "fedavg" and cfg.compression.uplink == cfg.compression.downlink == []
+    assert cfg.eval.final_max_batches is None
+
+
+def test_degraded_and_oracle_differ_only_in_the_strategy():
+    dyn, ora = (load_config(FRONTIER / f).model_dump() for f in ("degraded.yaml", "degraded-oracle.yaml"))
+    for cfg in (dyn, ora):
+        del cfg["name"]
+    assert dyn.pop("federation").pop("strategy") != ora["federation"].pop("strategy")
+    ora.pop("federation")
+    assert dyn == ora
+    clients = load_config(FRONTIER / "degraded.yaml").federation.clients
+    assert len(clients) == 5 and len({c.degrade.kind for c in clients if c.degrade}) == 2
+
+
+def test_degraded_pair_runs_tiny(tmp_path):
+    dyn = skyfed.run(FRONTIER / "degraded.yaml", overrides=TINY, out=tmp_path / "dyn")
+    ora = skyfed.run(FRONTIER / "degraded-oracle.yaml", overrides=TINY[:-1], out=tmp_path / "ora")
+    w = dyn.metrics()[-1]["weights"]
+    assert set(w) == {"aws", "gcp", "azure", "aws-shuffled", "gcp-noisy"}
+    assert ora.metrics()[-1]["weights"]["aws-shuffled"] == 0.0 == ora.metrics()[-1]["weights"]["gcp-noisy"]
+    for r in (dyn, ora):
+        assert r.summary["final"]["val_ppl"] > 1
