@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--impls", default="plain,foreach,fused", help="train.optimizer_impl values")
     ap.add_argument("--compile", default="off,on", help="train.compile values")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per setting (default: per preset)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, or auto (skyfed.model.resolve_device)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat: checks that the script runs")
@@ -156,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     for preset in args.presets.split(","):
         if preset not in shapes:
             sys.exit(f"--presets: no shape for {preset!r} (known: {', '.join(shapes)})")
-        results[preset] = bench_preset(preset, shapes[preset], args.impls.split(","), args.compile.split(","), repeats, device)
+        shape = shapes[preset] if args.steps is None else (*shapes[preset][:2], args.steps, shapes[preset][3])
+        results[preset] = bench_preset(preset, shape, args.impls.split(","), args.compile.split(","), repeats, device)
     report = {
         "benchmark": "trainer_speed",
         "command": "python bench/trainer_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),

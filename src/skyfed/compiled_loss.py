@@ -34,12 +34,23 @@ def compile_enabled(setting: str, device: torch.device) -> bool:
     return _broken is None
 
 
+def _describe(exc: BaseException) -> str:
+    """`Type: first line` of `exc` and of its root cause (torch wraps a backend's error)."""
+    parts, seen = [], exc
+    while seen is not None:
+        text = str(seen).strip()
+        parts.append(f"{type(seen).__name__}: {text.splitlines()[0] if text else ''}")
+        inner = getattr(seen, "inner_exception", None) or seen.__cause__  # dynamo keeps it in the first
+        seen = inner if inner is not seen else None
+    return parts[0] if len(parts) == 1 else f"{parts[0]} ... {parts[-1]}"
+
+
 def _give_up(exc: BaseException) -> None:
     global _broken
     first = _broken is None
-    _broken = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    _broken = _describe(exc)
     if first:
-        log.warning("torch.compile failed, training eagerly from now on (%s)", _broken[:300])
+        log.warning("torch.compile failed, training eagerly from now on (%s)", _broken[:400])
 
 
 class StepRunner:
