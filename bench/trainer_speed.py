@@ -18,7 +18,9 @@ seq_len, learning rate, betas, weight decay and gradient clipping (1.0).
 Each setting builds a fresh model, runs `--warmup` steps (their time, which includes
 compiling, is reported as `warmup_s`), then `--steps` timed steps; the sweep over the
 settings is repeated `--repeats` times, in the same order, and the median tokens/s is
-reported with every repeat's value. The JSON holds the command, torch version, threads,
+reported with every repeat's value, and so are tokens per CPU-second of the process
+(`time.process_time`), which other work on a shared machine disturbs less than the
+wall clock (compare those with `--threads 1`: idle threads that spin count too). The JSON holds the command, torch version, threads,
 CPU count and the load average before and after: on a shared machine compare only
 numbers from the same run.
 """
@@ -81,23 +83,25 @@ def measure(preset: str, setting: dict, tokens: np.ndarray, shape: tuple[int, in
         t0 = time.perf_counter()
         plain_loop(model, cfg, tokens, warmup, rng, device)
         sync(device)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         out["loss_last"] = plain_loop(model, cfg, tokens, steps, rng, device)
         sync(device)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
     else:
         cfg = TrainConfig(batch_size=batch, seq_len=seq_len, optimizer_impl=setting["impl"], compile=setting["compile"])
         trainer = LocalTrainer(model, cfg, device, total_steps=warmup + steps)
         t0 = time.perf_counter()
         trainer.train(tokens, warmup, rng)
         sync(device)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         out["loss_last"] = trainer.train(tokens, steps, rng).loss_last
         sync(device)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         out["optimizer_impl"] = trainer.optimizer_impl
         out["compiled"] = trainer.runner.compiling
-    out.update(warmup_s=t1 - t0, seconds=t2 - t1, tokens_per_s=steps * batch * seq_len / (t2 - t1))
+    tokens_timed = steps * batch * seq_len
+    out.update(warmup_s=t1 - t0, seconds=t2 - t1, tokens_per_s=tokens_timed / (t2 - t1),
+               tokens_per_cpu_s=tokens_timed / (c2 - c1))
     return out
 
 
@@ -118,7 +122,7 @@ def bench_preset(preset: str, shape, impls, compiles, repeats: int, device: torc
             runs[row["name"]].append(measure(preset, row, tokens, shape, device))
             last = runs[row["name"]][-1]
             print(f"{preset} rep {rep} {row['name']:32s} {last['tokens_per_s']:9.0f} tok/s "
-                  f"(warmup {last['warmup_s']:.1f} s)", flush=True)
+                  f"{last['tokens_per_cpu_s']:9.0f} tok/cpu-s (warmup {last['warmup_s']:.1f} s)", flush=True)
     base = statistics.median(r["tokens_per_s"] for r in runs["plain_loop"])
     result = {"batch_size": shape[0], "seq_len": shape[1], "steps": shape[2], "warmup_steps": shape[3],
               "parameters": num_parameters(build_model(preset, VOCAB, 0, seed=0)), "settings": {}}
@@ -128,6 +132,8 @@ def bench_preset(preset: str, shape, impls, compiles, repeats: int, device: torc
         result["settings"][row["name"]] = {
             **{k: v for k, v in row.items() if k != "name"},
             "tokens_per_s_median": med, "speedup_vs_plain_loop": med / base,
+            "tokens_per_cpu_s_median": statistics.median(r["tokens_per_cpu_s"] for r in reps),
+            "tokens_per_cpu_s": [r["tokens_per_cpu_s"] for r in reps],
             "tokens_per_s": [r["tokens_per_s"] for r in reps], "warmup_s": [r["warmup_s"] for r in reps],
             "loss_last": [r["loss_last"] for r in reps],
             **{k: reps[-1][k] for k in ("optimizer_impl", "compiled") if k in reps[-1]},
