@@ -1,7 +1,13 @@
 """`torch.compile` of local training's forward, falling back to eager cleanly.
 
-`train.compile`: `on`, `off`, or `auto` = on for CUDA, off on CPU. [CPU decision: see
-bench/results/trainer_speed.json]
+`train.compile`: `on`, `off`, or `auto` = on for CUDA, off on CPU. Why off on CPU: on
+the 2-core machine (1 thread, while loaded) bench/trainer_speed.py measured gpt2-tiny
+at batch 16 x 128 about 1.3x the tokens per CPU-second compiled, but the first compile
+in a process with a cold Inductor cache took about a minute. That pays off only in long
+runs: every short run (tests, smoke runs) and every process that trains (`skyfed
+client`, each Ray actor) pays the compile, it needs a C++ compiler, and compiled kernels
+round differently from eager, so results would stop being bit-identical to eager runs.
+Long CPU runs can ask for `on`; bench/results/trainer_speed.json holds the idle figures.
 
 `StepRunner(model, enabled).run(step)` calls `step(forward)`, where `forward` is
 `torch.compile(model)` (Ansel et al. 2024, "PyTorch 2", ASPLOS; TorchDynamo + Inductor)
