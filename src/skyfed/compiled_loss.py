@@ -7,6 +7,9 @@ in a process with a cold Inductor cache took about a minute. That pays off only 
 runs: every short run (tests, smoke runs) and every process that trains (`skyfed
 client`, each Ray actor) pays the compile, it needs a C++ compiler, and compiled kernels
 round differently from eager, so results would stop being bit-identical to eager runs.
+Also, Inductor's CPU kernels are OpenMP loops: with 2 threads on a machine that other
+work keeps busy, a compiled gpt2-tiny step (batch 4 x 32) took about 2 s against 0.3 s
+eager (with 1 thread: 0.05 s), so compiled CPU training wants idle cores or `threads=1`.
 Long CPU runs can ask for `on`; bench/results/trainer_speed.json holds the idle figures.
 
 `StepRunner(model, enabled).run(step)` calls `step(forward)`, where `forward` is
