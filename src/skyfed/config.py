@@ -96,6 +96,13 @@ class TrainConfig(Section):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
     optimizer_state: Literal["keep", "reset"] = "keep"  # AdamW state across rounds
+    # Speed of local training (docs/speed.md). AdamW kernel: auto = fused where torch has it
+    # for the device and dtype, else foreach (skyfed.optim); the update is the same up to rounding.
+    optimizer_impl: Literal["auto", "fused", "foreach", "plain"] = "auto"
+    # torch.compile of the training loss; auto = on for CUDA, off on CPU (skyfed.compiled_loss)
+    compile: Literal["auto", "on", "off"] = "auto"
+    # mixed precision of the training forward; auto = bf16 on CUDA with bf16 support, else off
+    autocast: Literal["auto", "bf16", "off"] = "auto"
 
 
 class EvalConfig(Section):

@@ -3,6 +3,13 @@
 `LocalTrainer.train` runs K steps of AdamW on random windows of a client's tokens with
 gradient clipping and a warmup + cosine schedule over the whole run; `evaluate`
 returns loss, perplexity and next-token top-1 accuracy on evenly spaced windows.
+
+How fast a step runs (docs/speed.md, bench/trainer_speed.py): AdamW's kernel is fused
+where torch has one (`train.optimizer_impl`, skyfed.optim), the forward and backward may
+go through `torch.compile` (`train.compile`, skyfed.compiled_loss) and bf16 autocast
+(`train.autocast`, skyfed.precision); the loss is read back from the device once per
+run unless `on_step` wants it every step. CPU threads are set per process, not here
+(`skyfed.runtime.setup.apply_threads`).
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from skyfed.compiled_loss import StepRunner, compile_enabled
 from skyfed.config import TrainConfig
+from skyfed.optim import keep_impl, make_adamw
+from skyfed.precision import autocast, autocast_dtype
 
 
 @dataclass
@@ -71,7 +81,10 @@ class LocalTrainer:
         self.device = device
         self.total_steps = total_steps
         self.step = 0  # local steps taken so far (drives the schedule)
+        self.optimizer_impl = "plain"  # set by _new_optimizer: fused, foreach or plain
         self.optimizer = self._new_optimizer()
+        self.amp_dtype = autocast_dtype(cfg.autocast, device)  # None: no autocast
+        self._runner: StepRunner | None = None  # built at the first `train` (DP-SGD never needs it)
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's moments and the schedule's step (what carries across rounds)."""
@@ -79,13 +92,32 @@ class LocalTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        keep_impl(self.optimizer, self.optimizer_impl)  # this config's kernel, whatever saved the state
         self.step = int(state["step"])
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas)
+        optimizer, self.optimizer_impl = make_adamw(groups, self.cfg.lr, self.cfg.betas, self.cfg.optimizer_impl)
+        return optimizer
+
+    @property
+    def runner(self) -> StepRunner:
+        """Runs forward + backward, through torch.compile when `train.compile` says so."""
+        if self._runner is None:
+            self._runner = StepRunner(self.model, compile_enabled(self.cfg.compile, self.device))
+        return self._runner
+
+    def _forward_backward(self, forward: Callable, batch: torch.Tensor, prox: Callable | None) -> torch.Tensor:
+        """Zero the gradients, then the loss of `batch` through `forward` (under autocast when
+        on) plus the proximal term `prox()`, backward; returns the loss (without the term)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.amp_dtype):
+            loss, _ = lm_loss(forward, batch)
+        objective = loss if prox is None else loss + prox()
+        objective.backward()
+        return loss
 
     def train(
         self,
@@ -104,7 +136,11 @@ class LocalTrainer:
         self.model.train()
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapter only
         anchor = [p.detach().clone() for p in trainable] if prox_mu > 0 else None
-        losses: list[float] = []
+        prox = None
+        if anchor is not None:
+            prox = lambda: 0.5 * prox_mu * sum((p - a).pow(2).sum() for p, a in zip(trainable, anchor))  # noqa: E731
+        runner = self.runner
+        losses: list[torch.Tensor] = []
         start = time.perf_counter()
         for i in range(steps):
             lr = lr_at(self.step, self.total_steps, self.cfg)
@@ -115,23 +151,18 @@ class LocalTrainer:
             else:
                 batch = sample(rng)
             batch = batch.to(self.device)
-            loss, _ = lm_loss(self.model, batch)
-            objective = loss
-            if anchor is not None:
-                prox = sum((p - a).pow(2).sum() for p, a in zip(trainable, anchor))
-                objective = loss + 0.5 * prox_mu * prox
-            self.optimizer.zero_grad(set_to_none=True)
-            objective.backward()
+            loss = runner.run(lambda forward: self._forward_backward(forward, batch, prox))
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, self.cfg.grad_clip)
             self.optimizer.step()
             self.step += 1
-            losses.append(loss.item())
+            losses.append(loss.detach())
             if on_step is not None:
-                on_step(i + 1, losses[-1])
+                on_step(i + 1, loss.item())
+        values = torch.stack(losses).float().tolist()  # one read from the device, not one per step
         seconds = time.perf_counter() - start
         tokens_seen = steps * batch.size(0) * (batch.size(1) - 1)
-        return TrainStats(steps, tokens_seen, float(np.mean(losses)), losses[-1], seconds)
+        return TrainStats(steps, tokens_seen, float(np.mean(values)), values[-1], seconds)
 
 
 def eval_windows(num_tokens: int, seq_len: int, max_windows: int | None) -> np.ndarray:

@@ -36,7 +36,7 @@ class ClientReplica:
     def __init__(self, cfg: ExperimentConfig, tokenizer, threads: int = 1):
         from skyfed.runtime.setup import device_for, make_client
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # a parallel worker: its CPU share, 1 by default (setup.apply_threads)
         self.cfg = cfg
         self.client = make_client(cfg, "replica", 0, np.zeros(0, dtype=np.int32), tokenizer, device_for(cfg))
         self.fresh = copy.deepcopy(self.client.state_dict())  # a client that has not trained yet

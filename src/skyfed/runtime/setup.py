@@ -44,6 +44,11 @@ class PreparedData:
 
 
 def apply_threads(cfg: ExperimentConfig) -> None:
+    """The thread policy of a training process (docs/speed.md): `threads` torch intra-op
+    threads for this process (the simulation, `skyfed server`, `skyfed client`), or torch's
+    default (one per physical core) when unset. A worker that trains beside others gets
+    its own share instead: a Ray actor sets `max(1, ray.num_cpus_per_actor)` threads, 1 by
+    default (skyfed.runtime.ray_actor), so parallel clients do not oversubscribe the cores."""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
 
