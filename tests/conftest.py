@@ -23,6 +23,38 @@ def shared_cache(tmp_path_factory):
     return Path(os.environ["SKYFED_CACHE"])
 
 
+_warmed = False
+
+
+@pytest.hookimpl(trylast=True)  # after the session fixtures (shared_cache) are set up
+def pytest_runtest_setup(item):
+    """Under pytest-xdist, before a worker's first test from a module that uses the smoke
+    preset: tokenize the smoke preset's corpus into the shared cache, once for all workers
+    (the first to get the file lock does it, the others wait and reuse it). Without it the
+    workers, starting together, each trained the same tokenizer and tokenized the same
+    corpus (about 20 s of CPU each on a cold cache)."""
+    global _warmed
+    if _warmed or "PYTEST_XDIST_WORKER" not in os.environ or "SKYFED_CACHE" not in os.environ:
+        return
+    import inspect
+
+    try:
+        if "smoke" not in inspect.getsource(item.module):
+            return
+        from filelock import FileLock
+
+        from skyfed.config import load_config
+        from skyfed.runtime.setup import prepare_data
+    except (ImportError, OSError, TypeError):  # the SkyPilot venv has no skyfed
+        return
+    _warmed = True
+    folder = Path(os.environ["SKYFED_CACHE"])
+    with FileLock(str(folder / "smoke-warm.lock")):
+        if not (folder / "smoke-warm.done").exists():
+            prepare_data(load_config(preset="smoke"))
+            (folder / "smoke-warm.done").touch()
+
+
 def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real `skyfed` CLI in a subprocess."""
     env = dict(os.environ)
