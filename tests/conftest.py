@@ -64,6 +64,15 @@ def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subpro
     )
 
 
+def run_clis(*calls: list[str], timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Several `run_cli` calls at once, each its own process (most of a CLI run that fails
+    early is importing torch and transformers): their results, in the order given."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(lambda args: run_cli(*args, timeout=timeout), calls))
+
+
 @pytest.fixture
 def procs(tmp_path, monkeypatch):
     """Real skyfed server/client processes for a test, killed at its end (tests/grpc_harness.py)."""
