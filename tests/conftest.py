@@ -23,6 +23,38 @@ def shared_cache(tmp_path_factory):
     return Path(os.environ["SKYFED_CACHE"])
 
 
+_warmed = False
+
+
+@pytest.hookimpl(trylast=True)  # after the session fixtures (shared_cache) are set up
+def pytest_runtest_setup(item):
+    """Under pytest-xdist, before a worker's first test from a module that uses the smoke
+    preset: tokenize the smoke preset's corpus into the shared cache, once for all workers
+    (the first to get the file lock does it, the others wait and reuse it). Without it the
+    workers, starting together, each trained the same tokenizer and tokenized the same
+    corpus (about 20 s of CPU each on a cold cache)."""
+    global _warmed
+    if _warmed or "PYTEST_XDIST_WORKER" not in os.environ or "SKYFED_CACHE" not in os.environ:
+        return
+    import inspect
+
+    try:
+        if "smoke" not in inspect.getsource(item.module):
+            return
+        from filelock import FileLock
+
+        from skyfed.config import load_config
+        from skyfed.runtime.setup import prepare_data
+    except (ImportError, OSError, TypeError):  # the SkyPilot venv has no skyfed
+        return
+    _warmed = True
+    folder = Path(os.environ["SKYFED_CACHE"])
+    with FileLock(str(folder / "smoke-warm.lock")):
+        if not (folder / "smoke-warm.done").exists():
+            prepare_data(load_config(preset="smoke"))
+            (folder / "smoke-warm.done").touch()
+
+
 def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real `skyfed` CLI in a subprocess."""
     env = dict(os.environ)
@@ -30,6 +62,15 @@ def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subpro
     return subprocess.run(
         [sys.executable, "-m", "skyfed", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
     )
+
+
+def run_clis(*calls: list[str], timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Several `run_cli` calls at once, each its own process (most of a CLI run that fails
+    early is importing torch and transformers): their results, in the order given."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(lambda args: run_cli(*args, timeout=timeout), calls))
 
 
 @pytest.fixture
@@ -44,21 +85,54 @@ def procs(tmp_path, monkeypatch):
     p.close()
 
 
-SPAWNS = ("run_cli(", "subprocess.", "Popen(", "WorkerPool(", "ray.init(")
+SPAWNS = ("run_cli(", "run_clis(", "subprocess.", "Popen(", "WorkerPool(", "ray.init(")
+TESTS = str(ROOT / "tests")
+
+
+def _code_names(code) -> set[str]:
+    """The global names a function's code (and the lambdas and comprehensions in it) uses."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _code_names(const)
+    return names
+
+
+def _spawns(fn, seen: set) -> bool:
+    """Whether `fn`, or a function of tests/ that it calls (at any depth), starts a process:
+    a test that calls a helper such as `run_smoke` which calls `run_cli` spawns too."""
+    import inspect
+
+    if inspect.isclass(fn):  # a helper class of tests/ (a peer process, say): its methods
+        if fn in seen or not (inspect.getsourcefile(fn) or "").startswith(TESTS):
+            return False
+        seen.add(fn)
+        return any(_spawns(m, seen) for m in vars(fn).values() if inspect.isfunction(m))
+    fn = inspect.unwrap(fn)
+    code = getattr(fn, "__code__", None)
+    if code is None or fn in seen or not code.co_filename.startswith(TESTS):
+        return False
+    seen.add(fn)
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+    if any(s in source for s in SPAWNS):
+        return True
+    scope = getattr(fn, "__globals__", {})
+    return any(_spawns(scope[n], seen) for n in _code_names(code) if inspect.isfunction(scope.get(n)) or inspect.isclass(scope.get(n)))
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark every test that starts processes (the real CLI, a gRPC server, workers) as
-    `processes`, so `make test-fast` (-m "not processes") can leave them out."""
-    import inspect
-
+    """Mark every test that starts processes (the real CLI, a gRPC server, workers, Ray),
+    itself, through a helper of tests/ or through a fixture, as `processes`, so that
+    `make test-fast` (-m "not processes") leaves them out."""
     for item in items:
         if "procs" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.processes)
             continue
-        try:
-            source = inspect.getsource(item.function)
-        except (OSError, TypeError, AttributeError):
-            continue
-        if any(s in source for s in SPAWNS):
+        seen: set = set()
+        fixtures = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        funcs = [getattr(item, "function", None)] + [defs[-1].func for defs in fixtures.values() if defs]
+        if any(f is not None and _spawns(f, seen) for f in funcs):
             item.add_marker(pytest.mark.processes)

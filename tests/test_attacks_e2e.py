@@ -7,6 +7,7 @@ FedAvg 310).
 """
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import run_cli
@@ -26,25 +27,32 @@ def run(out, *sets):
     ]
 
 
+def run_all(tmp_path, cases: dict[str, list[str]]) -> dict[str, tuple[float, list[dict]]]:
+    """`run` for every case at once, each in its own CLI process: {case: (val_ppl, rows)}."""
+    with ThreadPoolExecutor(len(cases)) as pool:
+        futures = {k: pool.submit(run, tmp_path / k, *sets) for k, sets in cases.items()}
+        return {k: f.result() for k, f in futures.items()}
+
+
 def test_sign_flip_breaks_fedavg_but_not_median_or_krum(tmp_path):
     attack = "attack={clients: [gcp], kind: sign_flip, factor: 4}"
-    ppl = {}
-    for name in ["fedavg", "median", "krum"]:
-        ppl[name], rows = run(tmp_path / name, attack, f"federation.strategy.name={name}")
-        if name == "krum":
-            assert all("gcp" not in r["robust"]["selected"] for r in rows)
+    runs = run_all(tmp_path, {name: [attack, f"federation.strategy.name={name}"] for name in ["fedavg", "median", "krum"]})
+    ppl = {name: r[0] for name, r in runs.items()}
+    assert all("gcp" not in r["robust"]["selected"] for r in runs["krum"][1])
     assert ppl["fedavg"] > 1.25 * ppl["median"], ppl
     assert ppl["fedavg"] > 1.25 * ppl["krum"], ppl
 
 
 def test_norm_bound_and_loss_filter_contain_a_scaled_update(tmp_path):
     attack = "attack={clients: [gcp], kind: scale, factor: 100}"
-    broken, _ = run(tmp_path / "fedavg", attack)
-    bounded, rows = run(tmp_path / "bounded", attack, "federation.strategy.norm_bound=2.0")
+    runs = run_all(tmp_path, {
+        "fedavg": [attack],
+        "bounded": [attack, "federation.strategy.norm_bound=2.0"],
+        "filter": [attack, "federation.strategy.name=loss_filter", "federation.strategy.params={server_tokens: 1024}"],
+    })
+    (broken, _), (bounded, rows), (filtered, filter_rows) = runs["fedavg"], runs["bounded"], runs["filter"]
     assert "gcp" in rows[0]["norm_bound"]["clipped"]
-    filtered, rows = run(tmp_path / "filter", attack, "federation.strategy.name=loss_filter",
-                         "federation.strategy.params={server_tokens: 1024}")
-    assert all("gcp" in r["loss_filter"]["dropped"] for r in rows)
+    assert all("gcp" in r["loss_filter"]["dropped"] for r in filter_rows)
     assert broken > 10 * bounded and broken > 10 * filtered, (broken, bounded, filtered)
 
 

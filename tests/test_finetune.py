@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, run_clis
 from finetune_fixtures import PRETRAIN, pretrained  # noqa: F401  (a fixture)
 from safetensors import safe_open
 
@@ -49,13 +49,19 @@ def test_mismatched_tokenizer_is_refused_by_the_cli(pretrained, tmp_path):
     train_bpe(docs, 300).save_pretrained(str(tmp_path / "tok300"))
     train_bpe(load_corpus().train[:200], 1000).save_pretrained(str(tmp_path / "tok1000"))
     base = ["run", "--preset", "smoke", "--out", str(tmp_path / "x"), "--set", f"model.path={pretrained / 'model'}"]
-    line = _one_line_error(run_cli(*base, "--set", f"tokenizer.path={tmp_path / 'tok300'}"))
+    tok300, tok1000, not_a_model, missing = run_clis(
+        [*base, "--set", f"tokenizer.path={tmp_path / 'tok300'}"],
+        [*base, "--set", f"tokenizer.path={tmp_path / 'tok1000'}"],
+        [*base[:-1], f"model.path={tmp_path / 'tok300'}"],
+        [*base[:-1], f"model.path={tmp_path / 'missing'}"],
+    )
+    line = _one_line_error(tok300)
     assert "vocabulary (300 tokens) differs" in line and "512 tokens" in line
-    line = _one_line_error(run_cli(*base, "--set", f"tokenizer.path={tmp_path / 'tok1000'}"))
+    line = _one_line_error(tok1000)
     assert "1000 tokens" in line and "512 embedding rows" in line
-    line = _one_line_error(run_cli(*base[:-1], f"model.path={tmp_path / 'tok300'}"))
+    line = _one_line_error(not_a_model)
     assert line == f"error: model.path: {tmp_path / 'tok300'} is not a Hugging Face model directory (no config.json)"
-    line = _one_line_error(run_cli(*base[:-1], f"model.path={tmp_path / 'missing'}"))
+    line = _one_line_error(missing)
     assert line == f"error: model.path: model directory not found: {tmp_path / 'missing'}"
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
 

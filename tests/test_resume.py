@@ -53,11 +53,15 @@ def _killed_and_resumed(out: Path, settings: list[str]) -> subprocess.CompletedP
 
 @pytest.mark.parametrize("strategy", ["fedadam", "fedbuff"])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, strategy):
+    from concurrent.futures import ThreadPoolExecutor
+
     settings = SETTINGS + [f"federation.strategy.name={strategy}"]
-    whole = run_cli("run", "--preset", "smoke", "-q", "--out", str(tmp_path / "whole"),
-                    *[a for s in settings for a in ("--set", s)], timeout=600)
+    with ThreadPoolExecutor(1) as pool:  # the uninterrupted run beside the killed one: two processes at once
+        uninterrupted = pool.submit(run_cli, "run", "--preset", "smoke", "-q", "--out", str(tmp_path / "whole"),
+                                    *[a for s in settings for a in ("--set", s)], timeout=600)
+        resumed = _killed_and_resumed(tmp_path / "resumed", settings)
+        whole = uninterrupted.result()
     assert whole.returncode == 0, whole.stderr
-    resumed = _killed_and_resumed(tmp_path / "resumed", settings)
     assert resumed.returncode == 0, resumed.stderr
     assert _lines(tmp_path / "resumed") == _lines(tmp_path / "whole")
     a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
