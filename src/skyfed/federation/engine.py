@@ -52,6 +52,7 @@ class Engine:
         self.core = ServerCore(
             model, param_names, strategy, cfg.compression, cfg.federation.max_update_bytes, tc.batch_size * tc.seq_len
         )
+        self.core.downlink.clients = {c.name for c in cfg.federation.clients}  # to know when none needs the initial model
         self.closer = WindowCloser(self.core, evaluator, cfg.eval.max_batches, run, on_event)
         loop_cls = AsyncLoop if strategy.asynchronous else SyncLoop
         self.loop: SyncLoop | AsyncLoop = loop_cls(self.core, transport, self.closer, cfg)

@@ -11,6 +11,13 @@ of rounds: synchronous and asynchronous engines both drive it.
 Without a network every transfer and computation takes zero simulated time and
 results arrive in the order they were sent.
 
+The clients are `FederatedClient`s that each keep their model and state in memory
+(`simulation.client_state: memory`), or `skyfed.runtime.replica.ReplicaClient`s that
+share one model replica and keep their state in files (`disk`, the default): then the
+transport's `files` (skyfed.runtime.client_state.ClientStateFiles) says which file
+holds each client's state, and a checkpoint names those files instead of holding the
+states.
+
 `skyfed.runtime.ray.RayTransport` trains the clients in Ray actors and schedules their
 results with the same code, so the clock and the bill are the same.
 """
@@ -24,13 +31,18 @@ from skyfed.clouds import CloudNetwork, Timing
 from skyfed.federation.client import FederatedClient
 from skyfed.federation.messages import ClientResult, TrainTask
 from skyfed.federation.transport import Transport
+from skyfed.runtime.client_state import ClientStateFiles
 
 log = logging.getLogger(__name__)
 
 
 class SimulatedTransport(Transport):
-    def __init__(self, clients: list[FederatedClient], network: CloudNetwork | None = None, start_s: float = 0.0):
+    def __init__(
+        self, clients: list[FederatedClient], network: CloudNetwork | None = None, start_s: float = 0.0,
+        files: ClientStateFiles | None = None,
+    ):
         self.clients = {c.name: c for c in clients}
+        self.files = files  # where the clients' states are, when they are not in the clients
         self.network = network
         self._now = start_s
         self._seq = 0  # ties in arrival time keep send order
@@ -100,15 +112,16 @@ class SimulatedTransport(Transport):
         return {"transport": self}
 
     def state_dict(self) -> dict:
-        """The clock, the results still travelling, each client's state and the egress
-        bill: a resumed simulation continues exactly."""
+        """The clock, the results still travelling, each client's state (or the files that
+        hold them) and the egress bill: a resumed simulation continues exactly."""
         self.settle()
         return {
             "now": self._now,
             "seq": self._seq,
             "queue": list(self._queue),
             "busy_until": dict(self._busy_until),
-            "clients": {name: c.state_dict() for name, c in self.clients.items()},
+            "clients": {name: c.state_dict() for name, c in self.clients.items()} if self.files is None else {},
+            "client_files": self.files.state_dict() if self.files is not None else None,
             "network": self.network.state_dict() if self.network is not None else None,
         }
 
@@ -116,8 +129,11 @@ class SimulatedTransport(Transport):
         self._now, self._seq, self._busy_until = state["now"], state["seq"], dict(state["busy_until"])
         self._queue = list(state["queue"])
         heapq.heapify(self._queue)
-        for name, client_state in state["clients"].items():
-            self.clients[name].load_state_dict(client_state)
+        if self.files is not None:
+            self.files.load_state_dict(state.get("client_files") or {})
+        else:
+            for name, client_state in state["clients"].items():
+                self.clients[name].load_state_dict(client_state)
         if self.network is not None and state["network"] is not None:
             self.network.load_state_dict(state["network"])
 

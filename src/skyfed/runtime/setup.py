@@ -109,6 +109,11 @@ def make_evaluator(cfg: ExperimentConfig, valid_tokens: np.ndarray, device: torc
     return run_eval
 
 
+def client_seed(cfg: ExperimentConfig, index: int) -> int:
+    """The seed of the `index`-th client of the config (its batches and codec salts)."""
+    return cfg.seed * 1000 + index
+
+
 def make_client(
     cfg: ExperimentConfig, name: str, index: int, tokens: np.ndarray, tokenizer, device: torch.device
 ) -> FederatedClient:
@@ -116,7 +121,7 @@ def make_client(
     total_steps = cfg.federation.rounds * cfg.train.local_steps
     trainer = LocalTrainer(model, cfg.train, device, total_steps)
     client = FederatedClient(
-        name, tokens, trainer, federated_parameter_names(model), seed=cfg.seed * 1000 + index,
+        name, tokens, trainer, federated_parameter_names(model), seed=client_seed(cfg, index),
         max_payload_bytes=cfg.federation.max_update_bytes, compression=cfg.compression,
         privacy=client_privacy(cfg),  # skyfed.security hook: DP clipping, noise share, DP-SGD
     )
