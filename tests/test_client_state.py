@@ -69,7 +69,8 @@ def test_state_files_in_the_run_dir_and_one_replica(tmp_path):
     assert len(replica.trainer.optimizer.state) == 0 and replica.downlink.held is None
     assert replica.uplink.feedback.residual == {}
     assert all(p.grad is None for p in replica.trainer.model.parameters())
-    files = sorted(p.name for p in (out / "clients").iterdir())
+    assert list((out / "clients" / "updates").iterdir()) == []  # every update was received
+    files = sorted(p.name for p in (out / "clients").iterdir() if p.is_file())
     # each state, with its held model (written before training) and moments (after) apart
     assert files == sorted(["initial.safetensors", *(f"{n}.1{p}.safetensors" for n in NAMES for p in ("", ".downlink", ".trainer"))])
     state = load_state(out / "clients" / "gcp.1.safetensors")
@@ -79,6 +80,29 @@ def test_state_files_in_the_run_dir_and_one_replica(tmp_path):
     assert {tuple(m["exp_avg"].shape) for m in moments.values()} == {tuple(p.shape) for p in params.values()}
     assert set(state["residual"]) == set(params) and any(bool(r.abs().sum() > 0) for r in state["residual"].values())
     assert set(state["downlink"]["held"]) == set(params) and state["downlink"]["tag"] == 1
+    run.transport.close()
+
+
+def test_updates_in_flight_wait_in_files(tmp_path):
+    """However many clients answer a round, one update at a time is in memory."""
+    from skyfed.runtime.assemble import assemble
+    from skyfed.runtime.simulation import simulated_transports
+
+    cfg = load_config(None, "smoke", [*SETTINGS, "federation.rounds=1"])
+    out = tmp_path / "run"
+    run = assemble(cfg, simulated_transports(out), out)
+    link, core = run.transport, run.engine.core
+    for name in NAMES:
+        link.send(name, core.task(name, 0, cfg.train.local_steps, {}))
+    folder = out / "clients" / "updates"
+    assert [r.payload for _, _, r in link._queue] == [None, None, None]
+    sizes = sorted(p.stat().st_size for p in folder.iterdir())
+    assert len(sizes) == 3 and sizes[0] > 1000
+    inline = link.state_dict()["queue"]  # a checkpoint holds them inline
+    assert [len(r.payload) for _, _, r in sorted(inline)] == [p.stat().st_size for p in sorted(folder.iterdir(), key=lambda p: int(p.stem))]
+    first = link.receive()
+    assert first.client == "aws" and first.payload == inline[0][2].payload and len(list(folder.iterdir())) == 2
+    assert [link.receive().client for _ in range(2)] == ["gcp", "azure"] and list(folder.iterdir()) == []
     run.transport.close()
 
 

@@ -142,11 +142,14 @@ class Downlink:
             chain, tensors, kind = self.chain, {n: params[n] - held[n] for n in params}, "model_delta"
         chain = chain.salted(mix_seed(round, base or 0)).for_round(round)
         parts = chain.encode(tensors)
+        del tensors  # the change is encoded: its buffer can go before the decoded copy comes
         tag = None
         if self.delta:
             sent = chain.decode(parts, self.spec, "downlink") if chain else {n: t.to(torch.float32).clone() for n, t in parts.items()}
             tag, self.next_tag = self.next_tag, self.next_tag + 1
-            self.held[tag] = sent if base is None else {n: self.held[base][n] + sent[n] for n in sent}
+            if base is not None:  # the new state, one tensor at a time
+                sent = {n: self.held[base][n] + sent.pop(n) for n in list(sent)}
+            self.held[tag] = sent
         header = dict(kind=kind, round=round, version=version, base_tag=base, tag=tag)
         if base == 0:
             header["base_crc"] = self.initial_crc

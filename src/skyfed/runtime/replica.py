@@ -12,10 +12,10 @@ hands the new state back (Ray's object store) or writes it to a file
 tensors, but no client's moments, gradients, residual or held model. When the state goes
 to a file, two parts of it are written earlier, each beside the state's file, and read
 back only when needed: the model the client holds for delta downlinks just before
-local training (training does not need it; the update is computed from it afterwards,
-read from the file), and the optimizer's moments just after (the update does not need
-them). So the held model is not in memory while training's gradients and activations
-are, nor the moments while the update's buffers are.
+local training (training does not need it; the update is computed afterwards from the
+file), and the optimizer's moments just after (the update does not need them, and their
+memory goes back to the system at once, `release_free_memory`). So the held model is not in memory while training's gradients and
+activations are, nor the moments while the update's buffers are.
 
 Users: each Ray actor of `runtime: ray` (skyfed.runtime.ray wraps this class in
 `ray.remote`; this module imports nothing from Ray), and the in-process simulation with
@@ -37,7 +37,7 @@ import torch
 from skyfed.config import ExperimentConfig
 from skyfed.federation.client import FederatedClient
 from skyfed.federation.messages import ClientResult, TrainTask
-from skyfed.runtime.client_state import ClientStateFiles, External, load_state, part_path, save_state
+from skyfed.runtime.client_state import ClientStateFiles, External, load_state, part_path, release_free_memory, save_state
 from skyfed.runtime.setup import client_seed, device_for, make_client
 
 Step = tuple[str, int, int, float]  # client, step, steps, loss (FederatedClient.on_step)
@@ -101,6 +101,7 @@ class ClientReplica:
         if part == "trainer":
             save_state(client.trainer.state_dict(), path)
             client.trainer.optimizer.state.clear()
+            release_free_memory()  # two model-sized buffers, which the update's would not reuse
         else:
             save_state(client.downlink.state_dict(), path)
             client.downlink.load_state_dict(load_state(path))

@@ -74,7 +74,9 @@ def simulated_transport(
             client = make_client(cfg, spec.name, i, data.client_tokens[spec.name], data.tokenizer, device)
             client.on_step = on_step
             clients.append(client)
-    return wrap_with_attack(cfg, SimulatedTransport(clients, network, files=files), data.tokenizer)  # [robust] attack
+    # the attacks rewrite results while they wait, so those keep their payloads in memory
+    link = SimulatedTransport(clients, network, files=files, spill_updates=not cfg.attack.active)
+    return wrap_with_attack(cfg, link, data.tokenizer)  # [robust] attack
 
 
 def simulated_transports(run_dir: Path) -> Callable[[ExperimentConfig, PreparedData, torch.device, EventSink], SimulatedTransport]:
