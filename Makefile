@@ -17,8 +17,11 @@ setup: $(BIN)/skyfed
 run: setup
 	$(BIN)/skyfed run
 
+# Four pytest-xdist workers (a file each at a time): most end-to-end tests wait on their
+# processes, so four overlap well on two cores; the 20 slowest tests are listed at the end.
+PYTEST_WORKERS ?= 4
 test: setup .venv-sky/bin/python
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=20
 	.venv-sky/bin/python -m pytest -p no:cacheprovider tests/test_deploy_skypilot.py
 
 # SkyPilot pins an older click than transformers' hub client allows, so the test that
@@ -29,7 +32,7 @@ test: setup .venv-sky/bin/python
 
 # The unit tests only: everything that starts no process (about a minute).
 test-fast: setup
-	$(BIN)/python -m pytest -m "not processes"
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not processes"
 
 # The paper's three experiments (48 runs, ~45 min on 2 cores) into runs/suite-paper/; docs/results.md.
 paper: setup

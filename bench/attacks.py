@@ -56,6 +56,18 @@ ASYNC_GUARD = {"max_staleness": 4, "max_client_share": 0.3, "share_window": 10}
 FAST = f"clouds.profiles={{{ATTACKER}: {{speed: 8.0, rtt_ms: 2, uplink_mbps: 10000, downlink_mbps: 10000}}}}"
 
 
+# asynchronous variants: (attack, guards, norm bound on, attacker fast)
+ASYNC_VARIANTS = {
+    "clean": ("none", {}, False, False),
+    "scale": ("scale", {}, False, False),
+    "scale+guards": ("scale", ASYNC_GUARD, False, False),
+    "scale+guards+norm_bound": ("scale", ASYNC_GUARD, True, False),
+    "fast_scale": ("scale", {}, False, True),
+    "fast_scale+guards": ("scale", ASYNC_GUARD, False, True),
+    "fast_scale+guards+norm_bound": ("scale", ASYNC_GUARD, True, True),
+}
+
+
 def base_sets(args) -> list[str]:
     sets = [
         "threads=1", f"federation.clients={CLIENTS}", f"federation.rounds={args.rounds}",
@@ -138,12 +150,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--only", default=",".join(DEFENCES), help="comma-separated defences")
     ap.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated attacks (none = no attack)")
     ap.add_argument("--no-async", action="store_true")
+    ap.add_argument("--under-attack", default=None,
+                    help="comma-separated defences for the attacked columns (default: --only; the no-attack column always uses --only)")
+    ap.add_argument("--async-only", default=",".join(ASYNC), help="comma-separated asynchronous strategies")
+    ap.add_argument("--async-variants", default=",".join(ASYNC_VARIANTS), help="comma-separated: " + ", ".join(ASYNC_VARIANTS))
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the rows of an unfinished --out file written with the same config (same rows are not run again)")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="merge these result files (parts of one matrix, each with its own clean FedAvg row, which must agree) into --out")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--table", action="store_true", help="print the Markdown tables of --out and exit")
     args = ap.parse_args(argv)
     if args.table:
         print(table(json.loads(args.out.read_text())))
         return {}
+    if args.merge:
+        result = merge([json.loads(f.read_text()) for f in args.merge], argv)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(table(result))
+        return result
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(1)
     defences = [d for d in args.only.split(",") if d]
@@ -155,7 +180,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     bound: dict[str, Any] = {"C": None, "norms": []}
 
+    done: dict[str, dict[str, Any]] = {}
+    if args.resume and args.out.exists():
+        old = json.loads(args.out.read_text())
+        if old["config"]["sets"] == base and old["config"]["preset"] == args.preset:
+            done = {json.dumps(r["sets"]): r for r in old["rows"]}
+            print(f"resuming: {len(done)} rows of {args.out} are reused", flush=True)
+
     def record(label: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+        again = done.get(json.dumps(base + sets))
+        if again is not None:
+            rows.append(again)
+            return {"reused": True}
         out = run_one(args.preset, base + sets)
         rec = row_record(label, out)
         rows.append(rec)
@@ -166,26 +202,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # clean FedAvg first: the reference, and (through an infinite norm bound) the honest update norms
     clean = record({"defence": "fedavg", "attack": "none"}, ["federation.strategy.name=fedavg", "federation.strategy.norm_bound=1e30"])
-    norms = honest_norms(clean)
-    norm_bound = round(1.5 * statistics.median(norms), 4)
+    if clean.get("reused"):  # the bound of the run resumed
+        norm_bound = old["norm_bound"]["C"]
+        nb = old["norm_bound"]
+        norms = nb.get("honest_norms") or [nb["honest_norms_median"]] * 2 + [nb["honest_norms_max"]]
+    else:
+        norms = honest_norms(clean)
+        norm_bound = round(1.5 * statistics.median(norms), 4)
     bound.update(C=norm_bound, norms=norms)
+    save(args, argv, rows, load_start, started, base, attacks, norm_bound, norms, complete=False)  # the clean row, for --resume
+    attacked = [d for d in (args.under_attack or args.only).split(",") if d]
     for attack in attacks:
-        for defence in defences:
+        for defence in defences if attack == "none" else attacked:
             if (defence, attack) == ("fedavg", "none"):
                 continue
             record({"defence": defence, "attack": attack}, strategy_sets(defence, norm_bound) + attack_sets(attack))
     if not args.no_async:
-        for name, params in ASYNC.items():
-            variants = [
-                ("none", {}, None, []),
-                ("scale", {}, None, []),
-                ("scale", ASYNC_GUARD, None, []),
-                ("scale", ASYNC_GUARD, norm_bound, []),
-                ("scale", {}, None, [FAST]),
-                ("scale", ASYNC_GUARD, None, [FAST]),
-                ("scale", ASYNC_GUARD, norm_bound, [FAST]),
-            ]
-            for attack, guard, nb, extra in variants:
+        chosen = [v for v in args.async_variants.split(",") if v]
+        for name in [a for a in args.async_only.split(",") if a]:
+            params = ASYNC[name]
+            variants = [ASYNC_VARIANTS[v] for v in chosen]
+            for attack, guard, with_bound, fast in variants:
+                nb = norm_bound if with_bound else None
+                extra = [FAST] if fast else []
                 p = {**params, **guard}
                 sets = [f"federation.strategy.name={name}", f"federation.strategy.params={json.dumps(p)}", *extra]
                 if nb is not None:
@@ -213,6 +252,7 @@ def save(args, argv, rows, load_start, started, base, attacks, norm_bound, norms
         "config": {"preset": args.preset, "sets": base, "attacker": ATTACKER},
         "attacks": {a: ATTACKS[a] for a in attacks},
         "norm_bound": {"C": norm_bound, "honest_norms_median": statistics.median(norms), "honest_norms_max": max(norms),
+                       "honest_norms": norms,
                        "rule": "1.5 x the median norm of the honest updates of the clean FedAvg run"},
         "clean_fedavg_ppl": ref,
         "goal": goal(rows),
@@ -221,6 +261,34 @@ def save(args, argv, rows, load_start, started, base, attacks, norm_bound, norms
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     return result
+
+
+def merge(parts: list[dict[str, Any]], argv: list[str] | None) -> dict[str, Any]:
+    """One result from parts of a matrix run as separate processes: each part starts with its
+    own clean FedAvg row (same config and seed), and those must agree to 1e-6 relative, or
+    the parts are not one experiment. Rows keep the first part's order; duplicates of
+    clean FedAvg are dropped."""
+    first = parts[0]
+    for p in parts[1:]:
+        if p["config"] != first["config"]:
+            raise SystemExit(f"merge: parts differ in config: {p['config']} vs {first['config']}")
+        if abs(p["clean_fedavg_ppl"] - first["clean_fedavg_ppl"]) > 1e-6 * first["clean_fedavg_ppl"]:
+            raise SystemExit(f"merge: clean FedAvg differs between parts: {p['clean_fedavg_ppl']} vs {first['clean_fedavg_ppl']}")
+        if p["norm_bound"]["C"] != first["norm_bound"]["C"]:
+            raise SystemExit("merge: the parts' norm bounds differ")
+    rows = list(first["rows"])
+    for p in parts[1:]:
+        rows += [r for r in p["rows"][1:]]
+    return {
+        **first,
+        "command": "python bench/attacks.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "parts": [{"command": p["command"], "complete": p.get("complete"), "wall_s": p["wall_s"],
+                   "loadavg_start": p["loadavg_start"], "loadavg_end": p["loadavg_end"]} for p in parts],
+        "complete": all(p.get("complete") for p in parts),
+        "attacks": {k: v for p in parts for k, v in p["attacks"].items()},
+        "goal": goal(rows),
+        "rows": rows,
+    }
 
 
 def goal(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -282,6 +350,8 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"| {r['defence']} | {r['attack']} | {'yes' if r['attacker_fast'] else 'no'} | "
                          f"{r['attacker_arrivals']} of {r['arrivals']} | {r['dropped_stale']} / {r['share_dropped']} | {_cell(r)} |")
     lines += ["", f"Command: `{result['command']}` (load average {result['loadavg_start'][0]:.1f} at the start)."]
+    for part in result.get("parts", []):
+        lines.append(f"- part: `{part['command']}` (load average {part['loadavg_start'][0]:.1f} at the start, {part['wall_s']:.0f} s)")
     return "\n".join(lines)
 
 

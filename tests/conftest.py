@@ -10,9 +10,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_cache(tmp_path_factory):
-    """One tokenizer/shard cache for the whole session (tokenizers are trained once)."""
+    """One tokenizer/shard cache for the whole session (tokenizers are trained once). Under
+    pytest-xdist the workers share one folder beside their own temp roots: the cache writes
+    each entry to a private folder and renames it into place, so concurrent writers are safe."""
     if "SKYFED_CACHE" not in os.environ:
-        os.environ["SKYFED_CACHE"] = str(tmp_path_factory.mktemp("skyfed-cache"))
+        if "PYTEST_XDIST_WORKER" not in os.environ:
+            folder = tmp_path_factory.mktemp("skyfed-cache")
+        else:
+            folder = tmp_path_factory.getbasetemp().parent / "skyfed-cache"
+            folder.mkdir(exist_ok=True)
+        os.environ["SKYFED_CACHE"] = str(folder)
     return Path(os.environ["SKYFED_CACHE"])
 
 

@@ -42,9 +42,11 @@ class Procs:
         self.env = {**os.environ, "SKYFED_CACHE": os.environ.get("SKYFED_CACHE", str(folder / "cache")),
                     "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
-    def start(self, label: str, args: list[str]) -> subprocess.Popen:
+    def start(self, label: str, args: list[str], cli: list[str] | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Run `cli` (default: `python -m skyfed`) with `args`; `env` adds variables."""
         log = open(self.folder / f"{label}.log", "ab")
-        p = subprocess.Popen(CLI + args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.folder)
+        p = subprocess.Popen((cli or CLI) + args, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
+                             cwd=self.folder)
         self.procs[label] = p
         return p
 
@@ -92,8 +94,12 @@ def server_args(cfg: list[str], port: int, certs: dict[str, Path] | None, out: P
 
 
 def client_args(name: str, port: int, certs: dict[str, Path] | None, *extra: str) -> list[str]:
+    """A client that keeps trying to reach the server for 300 s (unless `extra` says
+    otherwise): a loaded machine running tests in parallel can take over a minute to
+    start a server that loads a model."""
     tls = ["--ca-cert", str(certs["ca.pem"]), "--token-file", str(certs["tokens.yaml"])] if certs else ["--insecure"]
-    return ["client", "--server", f"localhost:{port}", "--name", name, *tls, "--max-backoff", "1", *extra]
+    patience = [] if "--connect-timeout" in extra else ["--connect-timeout", "300"]
+    return ["client", "--server", f"localhost:{port}", "--name", name, *tls, "--max-backoff", "1", *patience, *extra]
 
 
 def metrics(run: Path) -> list[dict]:

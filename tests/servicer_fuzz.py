@@ -116,9 +116,9 @@ class _RigTransport(GrpcTransport):
 
     rig: "ServicerRig"
 
-    def wait_released(self, client: str, round: int, timeout_s: float) -> Verdict:
+    def wait_released(self, client: str, round: int, timeout_s: float, stage: str = "update") -> Verdict:
         self.rig.drain()
-        return super().wait_released(client, round, 0.0)
+        return super().wait_released(client, round, 0.0, stage)
 
 
 class ServicerRig:

@@ -136,6 +136,7 @@ def test_state_file_round_trip(tmp_path):
     save_state({"trainer": External("x.1.trainer.safetensors"), "tag": 2}, path)
     got = load_state(path)
     assert got["tag"] == 2 and torch.equal(got["trainer"]["moments"], shared)
+    assert not list(tmp_path.glob("*.tmp*"))  # every write was atomic: no temporary file left
 
 
 def test_state_files_generations_and_resume(tmp_path):

@@ -291,9 +291,8 @@ def test_oversized_announcement_is_refused_before_allocation(monkeypatch):
     limit = s.limit_update_size(spec, [])
     assert limit == max_payload_bytes(spec, Chain([]), ["aws", "gcp"]) < 10**6
     allocated = []
-    import skyfed.runtime.grpc.servicer as servicer_mod
-    real = servicer_mod.Assembler
-    monkeypatch.setattr(servicer_mod, "Assembler", lambda size, what: allocated.append(size) or real(size, what))
+    real = s.transport.receive_buffer  # where every receive buffer (memory or spill file) is made
+    monkeypatch.setattr(s.transport, "receive_buffer", lambda size, what: allocated.append(size) or real(size, what))
     header = pb.UpdateHeader(name="aws", round=3, base_version=7, payload_bytes=2 * 2**30)
     msg = _refused(Code.RESOURCE_EXHAUSTED, lambda: s.PushUpdate(_stream(header), FakeContext(metadata=meta)))
     assert f"can produce is {limit} bytes" in msg and allocated == []

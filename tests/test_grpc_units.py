@@ -221,3 +221,37 @@ def test_unreachable_server_gives_up_with_a_hint():
     session = FederationSession(ClientOptions(addr, "aws", "t", insecure=True, connect_timeout_s=0.5, initial_backoff_s=0.05))
     with pytest.raises(SkyfedError, match="cannot reach the skyfed server"):
         session.register(0)
+
+
+def test_pipeline_consumes_in_order_and_hands_back_the_first_error():
+    from skyfed.runtime.grpc.chunks import Pipeline
+
+    seen = []
+    pipe = Pipeline(seen.append, depth=2)
+    for i in range(50):
+        pipe.put(memoryview(bytes([i])))
+    pipe.finish()
+    assert [bytes(v)[0] for v in seen] == list(range(50))
+
+    def consume(view):
+        if bytes(view) == b"\x03":
+            raise WireFormatError("bad chunk 3")
+        seen.append(view)
+
+    seen.clear()
+    pipe = Pipeline(consume, depth=2)
+    with pytest.raises(WireFormatError, match="bad chunk 3"):
+        for i in range(1000):  # a put after the error raises it (the helper drains the rest)
+            pipe.put(memoryview(bytes([i % 256])))
+        pipe.finish()
+    pipe.abort()
+    assert [bytes(v)[0] for v in seen] == [0, 1, 2]
+
+
+def test_the_server_pins_each_uploads_flow_control_window():
+    from skyfed.runtime.grpc.security import FLOW_WINDOW_BYTES
+
+    opts = dict(server_options(2**20))
+    assert opts["grpc.http2.bdp_probe"] == 0 and opts["grpc.http2.lookahead_bytes"] == FLOW_WINDOW_BYTES == 4 * 2**20
+    assert opts["grpc.max_receive_message_length"] == 3 * 2**20
+    assert "grpc.http2.bdp_probe" not in dict(server_options(2**20, 0))  # 0: gRPC's automatic window

@@ -7,12 +7,16 @@ a loaded machine. The first test starts and stops its own.
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
 ray = pytest.importorskip("ray")
+# Ray's own memory monitor kills actors when the whole machine is short of memory, which a
+# test shares with other work (pytest-xdist workers, benchmarks); these tests use little.
+os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
 
 from skyfed.config import load_config  # noqa: E402
 from skyfed.errors import ConfigError, SkyfedError  # noqa: E402

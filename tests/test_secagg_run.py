@@ -31,3 +31,45 @@ def test_secure_aggregation_ends_at_the_plain_runs_perplexity(tmp_path, strategy
     # a 32-bit ring sends as many bytes as fp32, never fewer than the masked vector itself
     assert line["bytes_up"] >= 3 * 4 * secure.summary["params"] * 0.9
     assert json.loads((tmp_path / "secure" / "summary.json").read_text())["mode"] == "federated"
+
+
+def test_summary_bytes_count_the_control_messages(tmp_path, monkeypatch):
+    """summary.json's bytes are exactly what crossed the transport: the masked vectors,
+    the keys / shares / unmask messages both ways and the shares bundle each training
+    task carries in its options (counted here at the transport, independently)."""
+    from collections import Counter
+
+    from skyfed.runtime.inprocess import SimulatedTransport
+    from skyfed.security.secagg.coordinator import option_bytes
+
+    up, down = Counter(), Counter()
+    send, receive = SimulatedTransport.send, SimulatedTransport.receive
+
+    def counting_send(self, client, task):
+        stage = task.options.get("secagg", {}).get("stage", "update")
+        if stage == "mask":  # a training task: the model, and the shares bundle in its options
+            down["update"] += len(task.payload)
+            down["bundle"] += option_bytes({"secagg": task.options["secagg"]})
+        else:
+            down[stage] += len(task.payload)
+        return send(self, client, task)
+
+    def counting_receive(self, timeout=None):
+        result = receive(self, timeout)
+        if result is not None:
+            up[result.meta.get("secagg_stage", "update")] += len(result.payload or b"")
+        return result
+
+    monkeypatch.setattr(SimulatedTransport, "send", counting_send)
+    monkeypatch.setattr(SimulatedTransport, "receive", counting_receive)
+    secure = run(preset="smoke", overrides={**SMOKE, "security.secure_aggregation": True}, out=tmp_path / "secure")
+    assert set(up) == {"keys", "shares", "update", "unmask"} and set(down) == {"keys", "shares", "update", "bundle", "unmask"}
+    control_up = up["keys"] + up["shares"] + up["unmask"]
+    control_down = down["keys"] + down["shares"] + down["bundle"] + down["unmask"]
+    assert control_up > 2 * 3 * 1000  # about 1.7 KB per client and round among three clients
+    total = secure.summary["total"]
+    assert total["bytes_up"] == up["update"] + control_up
+    assert total["bytes_down"] == down["update"] + control_down
+    rows = secure.metrics()
+    assert sum(r["secagg_bytes_up"] for r in rows) == control_up
+    assert sum(r["secagg_bytes_down"] for r in rows) == control_down

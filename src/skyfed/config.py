@@ -69,6 +69,9 @@ class PeftSection(Section):
     alpha: float = Field(16.0, gt=0)  # the update is scaled by alpha / r
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = None  # None: peft's default for the architecture
+    # factors: FedAvg of A and B separately (mean(B) mean(A), not mean(B A)); exact: FedEx-LoRA
+    # (Singhal et al. 2024) folds the difference into the base weights (skyfed.lora_exact)
+    aggregation: Literal["factors", "exact"] = "factors"
 
 
 class ModelConfig(Section):
@@ -108,6 +111,8 @@ class ClientSpec(Section):
     name: str
     cloud: str | None = None  # the cloud profile; defaults to the name
     data: str | None = None  # the client's own corpus (deployment); else a partition
+    # LoRA: this client's adapter rank, at most model.peft.r (HetLoRA, skyfed.lora_ranks); None = model.peft.r
+    lora_r: int | None = Field(None, ge=1)
 
 
 class StrategyConfig(Section):
@@ -129,6 +134,11 @@ class FederationConfig(Section):
     strategy: StrategyConfig = StrategyConfig()
     max_update_bytes: int = Field(8 * 2**30, ge=1)
     round_timeout_s: float | None = Field(None, gt=0)  # deadline for a round's updates
+    # gRPC server: an update of at least spill_min_bytes waits in a temporary file in
+    # spill_dir (default: $TMPDIR) until it is checked and folded, when the strategy folds
+    # updates one at a time (MeanStrategy); null: always in memory
+    spill_min_bytes: int | None = Field(64 * 2**20, ge=0)
+    spill_dir: str | None = None
 
     @model_validator(mode="after")
     def _unique_names(self) -> "FederationConfig":
@@ -148,7 +158,9 @@ def generated_clients(templates: list[ClientSpec], n: int) -> list[ClientSpec]:
     """`n` clients named client0000..., client i in the cloud of templates[i % len(templates)]."""
     width = max(4, len(str(n - 1)))
     clouds = [t.cloud or t.name for t in templates] or ["aws"]
-    return [ClientSpec(name=f"client{i:0{width}d}", cloud=clouds[i % len(clouds)]) for i in range(n)]
+    ranks = [t.lora_r for t in templates] or [None]
+    return [ClientSpec(name=f"client{i:0{width}d}", cloud=clouds[i % len(clouds)], lora_r=ranks[i % len(ranks)])
+            for i in range(n)]
 
 
 class CloudProfileSpec(Section):
@@ -308,7 +320,7 @@ class RayConfig(Section):
     actors: int = Field(2, ge=1)  # how many clients train at once
     num_cpus_per_actor: float = Field(1.0, gt=0)
     # where each client's state (optimizer moments, residual, held model) waits between
-    # its rounds: Ray's object store, or files under RUN_DIR/client_state/
+    # its rounds: Ray's object store, or files under RUN_DIR/clients/
     client_state: Literal["object_store", "disk"] = "object_store"
     num_cpus: int | None = Field(None, ge=1)  # a local Ray's CPUs; None = Ray's default (all)
     object_store_mb: int | None = Field(None, ge=75)  # a local Ray's object store; None = Ray's default
@@ -389,6 +401,16 @@ class ExperimentConfig(Section):
                 "train.activation_checkpointing does not work with security.dp.document: opacus' per-sample "
                 "gradients need each layer's forward pass once; turn one of them off"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _lora_fits(self) -> "ExperimentConfig":
+        from skyfed.lora_checks import check_federated_lora
+
+        try:
+            check_federated_lora(self)
+        except SkyfedError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     @model_validator(mode="after")

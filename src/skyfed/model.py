@@ -110,10 +110,12 @@ def build_model(
     seed: int = 0,
     dtype: str = "float32",
     peft: Any = None,
+    lora_rank: int | None = None,
 ) -> PreTrainedModel:
     """A freshly initialised model (seeded), or a pretrained one from a local directory,
     in `dtype`; with `peft` (a `skyfed.config.PeftSection`) wrapped as a PEFT model whose
-    only trainable tensors are the adapter's (skyfed.lora)."""
+    only trainable tensors are the adapter's (skyfed.lora), at `lora_rank` when a client
+    trains a smaller rank than `peft.r` (skyfed.lora_ranks)."""
     torch.manual_seed(seed)
     if path is not None:
         folder = resolve_model_dir(path)
@@ -136,7 +138,7 @@ def build_model(
         from skyfed.lora import wrap_peft
 
         torch.manual_seed(seed)  # the adapter's initial factors are the same on every side
-        model = wrap_peft(model, peft)
+        model = wrap_peft(model, peft, lora_rank)
     return model
 
 

@@ -155,6 +155,15 @@ class Downlink:
             header["base_crc"] = self.initial_crc
         return pack_parts(parts, chain, **header), tag
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"held": self.held, "client_tag": dict(self.client_tag), "next_tag": self.next_tag,
+                "met": sorted(self.met), "initial_crc": self.initial_crc}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.held, self.client_tag, self.next_tag = saved["held"], dict(saved["client_tag"]), saved["next_tag"]
+        self.met, self.initial_crc = set(saved["met"]), saved["initial_crc"]
+        self.settle([], [])
+
     def settle(self, selected: list[str], succeeded: list[str]) -> None:
         """End of a round: forget clients whose state is uncertain; drop unused states."""
         for client in set(selected) - set(succeeded):

@@ -138,6 +138,17 @@ class Codec:
         """Parts (carry already decoded to float32) -> flat float32 tensor of `n` values."""
         raise NotImplementedError
 
+    def slab_parts(self, n: int) -> dict[str, tuple[torch.dtype, int, int]] | None:
+        """For a codec (alone in its chain) whose values decode run by run: each part's
+        dtype, element count for `n` values, and values per element; None for the others.
+        Runs of values that start at a multiple of `slab_align` then `check` and `decode`
+        as whole tensors of that many values would (`compression/slabs.py`)."""
+        return None
+
+    @property
+    def slab_align(self) -> int:
+        return 1
+
 
 def _short(value: Any, limit: int = 60) -> str:
     """repr(value), cut to `limit` characters (values may come from a hostile header)."""
@@ -186,6 +197,9 @@ class Fp32(Codec):
     def decode(self, parts: Parts, n: int, key: str, where: str) -> torch.Tensor:
         return parts["v"].to(torch.float32)
 
+    def slab_parts(self, n: int) -> dict[str, tuple[torch.dtype, int, int]] | None:
+        return {"v": (self.dtype, n, 1)}
+
 
 @dataclass(frozen=True)
 class Fp16(Fp32):
@@ -215,6 +229,8 @@ class Int8(Codec):
     name: ClassVar[str] = "int8"
     part_names: ClassVar[tuple[str, ...]] = ("q", "scale")
     levels: ClassVar[int] = 127
+    values_per_byte: ClassVar[int] = 1
+    q_dtype: ClassVar[torch.dtype] = torch.int8
     block: int = 256
     stochastic: bool = False
     seed: int = 0
@@ -300,6 +316,14 @@ class Int8(Codec):
     def decode(self, parts: Parts, n: int, key: str, where: str) -> torch.Tensor:
         return self._dequantize(parts["q"], parts["scale"], n)
 
+    def slab_parts(self, n: int) -> dict[str, tuple[torch.dtype, int, int]] | None:
+        per = self.values_per_byte
+        return {"q": (self.q_dtype, math.ceil(n / per), per), "scale": (torch.float32, math.ceil(n / self.block), self.block)}
+
+    @property
+    def slab_align(self) -> int:
+        return math.lcm(self.block, self.values_per_byte)
+
 
 @dataclass(frozen=True)
 class Int4(Int8):
@@ -311,6 +335,8 @@ class Int4(Int8):
 
     name: ClassVar[str] = "int4"
     levels: ClassVar[int] = 7
+    values_per_byte: ClassVar[int] = 2
+    q_dtype: ClassVar[torch.dtype] = torch.uint8
     block: int = 128
 
     def qbytes(self, n: int) -> int:

@@ -21,7 +21,7 @@ import torch
 
 from skyfed.compression.chain import Chain
 from skyfed.compression.views import blob_views
-from skyfed.compression.wire import MAX_ABS, TensorSpec, check_tensors, load_blob, pack, read_header
+from skyfed.compression.wire import MAX_ABS, TensorSpec, check_specs, check_tensors, load_blob, pack, read_header, spec_of
 from skyfed.errors import WireFormatError
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,22 @@ def decode_payload(
     With `views`, a plain payload (no codecs) is not copied: its tensors are read-only
     views into `data` (`compression.views.blob_views`) that keep `data` alive.
     `max_abs` bounds every decoded value (None: finite only)."""
+    return _guarded(what, lambda: _decode(*read_header(data, max_bytes), expected, what, views, max_abs))
+
+
+def decode_checked(
+    header: dict[str, Any], blob: memoryview, expected: dict[str, TensorSpec], what: str = "payload",
+    views: bool = False, max_abs: float | None = MAX_ABS, values_checked: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """`decode_payload` of a payload whose framing and CRC-32 `read_header` has checked;
+    `values_checked`: a plain one whose values were checked as it arrived
+    (`streamcheck.BlobCheck`), so only names, shapes and dtypes are checked again."""
+    return _guarded(what, lambda: _decode(header, blob, expected, what, views, max_abs, values_checked))
+
+
+def _guarded(what: str, decode):
     try:
-        return _decode(data, expected, max_bytes, what, views, max_abs)
+        return decode()
     except WireFormatError:
         raise
     except Exception as exc:  # a defect the checks missed: still only a refusal
@@ -64,10 +78,9 @@ def decode_payload(
 
 
 def _decode(
-    data: bytes | memoryview, expected: dict[str, TensorSpec], max_bytes: int | None, what: str, views: bool,
-    max_abs: float | None,
+    header: dict[str, Any], blob: memoryview, expected: dict[str, TensorSpec], what: str, views: bool,
+    max_abs: float | None, values_checked: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    header, blob = read_header(data, max_bytes)
     try:
         chain = Chain.from_specs(header.get("codecs", []))
     except WireFormatError as exc:
@@ -77,5 +90,8 @@ def _decode(
     else:
         parts = load_blob(blob)
         tensors = chain.decode(parts, expected, what) if chain else parts
-    check_tensors(tensors, expected, what, max_abs)
+    if values_checked and not chain:
+        check_specs(spec_of(tensors), expected, what)
+    else:
+        check_tensors(tensors, expected, what, max_abs)
     return tensors, header

@@ -55,6 +55,8 @@ _FIELDS: dict[str, tuple[tuple[type, ...], int, int]] = {
     "client": ((str,), 0, 0),
 }
 _REQUIRED = ("format", "blob_bytes", "crc32")
+PREFIX_BYTES = _PREFIX.size
+CRC_MISMATCH = "payload corrupted: CRC-32 checksum mismatch"
 
 
 @dataclass(frozen=True)
@@ -81,27 +83,62 @@ def pack(tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> bytes:
     return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)) + head + blob
 
 
-def read_header(data: bytes | memoryview, max_bytes: int | None = None) -> tuple[dict[str, Any], memoryview]:
-    """Validate the framing and return (header, blob) without decoding tensors."""
-    view = memoryview(data)
-    if max_bytes is not None and len(view) > max_bytes:
-        raise PayloadTooLargeError(f"payload of {len(view)} bytes exceeds the maximum of {max_bytes} bytes")
-    if len(view) < _PREFIX.size:
-        raise WireFormatError(f"payload truncated: {len(view)} bytes is shorter than the {_PREFIX.size}-byte prefix")
-    magic, version, head_len = _PREFIX.unpack_from(view, 0)
+class Framed(bytearray):
+    """Wire bytes whose framing and CRC-32 were checked as they arrived
+    (`compression.framing.FrameReader`): `read_header` returns the header recorded then
+    and does not check the bytes a second time. Until `checked` is called it is a plain
+    bytearray (checked in full by `read_header`)."""
+
+    header: dict[str, Any] | None = None
+    blob_start: int = 0
+    verdict: str | None = None  # the values' check on arrival (`streamcheck.BlobCheck`), if any
+
+    def checked(self, header: dict[str, Any], blob_start: int, verdict: str | None = None) -> "Framed":
+        self.header, self.blob_start, self.verdict = header, blob_start, verdict
+        return self
+
+
+def parse_prefix(prefix: bytes | memoryview, total: int) -> int:
+    """The header length from the fixed prefix (magic, format version) of a `total`-byte payload."""
+    if total < _PREFIX.size:
+        raise WireFormatError(f"payload truncated: {total} bytes is shorter than the {_PREFIX.size}-byte prefix")
+    magic, version, head_len = _PREFIX.unpack_from(prefix, 0)
     if magic != MAGIC:
         raise WireFormatError("not a skyfed payload (bad magic bytes)")
     if version != FORMAT_VERSION:
         raise WireFormatError(f"unsupported wire format version {version} (this skyfed reads {FORMAT_VERSION})")
-    if head_len > MAX_HEADER_BYTES or _PREFIX.size + head_len > len(view):
+    if head_len > MAX_HEADER_BYTES or _PREFIX.size + head_len > total:
         raise WireFormatError(f"payload truncated or corrupt: header length {head_len} does not fit")
-    header = strictjson.loads(view[_PREFIX.size : _PREFIX.size + head_len], "corrupt payload header")
+    return head_len
+
+
+def parse_head(head: bytes | memoryview, blob_len: int) -> dict[str, Any]:
+    """The JSON header, checked (`check_header`), for a blob of `blob_len` bytes."""
+    header = strictjson.loads(head, "corrupt payload header")
     check_header(header)
-    blob = view[_PREFIX.size + head_len :]
-    if len(blob) != header["blob_bytes"]:
-        raise WireFormatError(f"payload truncated: expected {header['blob_bytes']} tensor bytes, got {len(blob)}")
+    if blob_len != header["blob_bytes"]:
+        raise WireFormatError(f"payload truncated: expected {header['blob_bytes']} tensor bytes, got {blob_len}")
+    return header
+
+
+def check_size(size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise PayloadTooLargeError(f"payload of {size} bytes exceeds the maximum of {max_bytes} bytes")
+
+
+def read_header(data: bytes | memoryview, max_bytes: int | None = None) -> tuple[dict[str, Any], memoryview]:
+    """Validate the framing and return (header, blob) without decoding tensors. A
+    `Framed` payload was checked as it arrived: its recorded header is returned."""
+    view = memoryview(data)
+    check_size(len(view), max_bytes)
+    if isinstance(data, Framed) and data.header is not None:
+        return data.header, view[data.blob_start :]
+    head_len = parse_prefix(view, len(view))
+    start = _PREFIX.size + head_len
+    header = parse_head(view[_PREFIX.size : start], len(view) - start)
+    blob = view[start:]
     if zlib.crc32(blob) != header.get("crc32"):
-        raise WireFormatError("payload corrupted: CRC-32 checksum mismatch")
+        raise WireFormatError(CRC_MISMATCH)
     return header, blob
 
 
@@ -179,8 +216,18 @@ def check_tensors(
 ) -> None:
     """Names, shapes and dtypes must match what the model expects; float values must be
     finite and at most `max_abs` in magnitude (None: finite only)."""
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
+    check_specs(spec_of(tensors), expected, what)
+    for name in expected:
+        t = tensors[name]
+        problem = value_error(t, max_abs) if t.is_floating_point() else None
+        if problem is not None:
+            raise WireFormatError(f"{what}: tensor {name!r} {problem}")
+
+
+def check_specs(found: dict[str, TensorSpec], expected: dict[str, TensorSpec], what: str = "update") -> None:
+    """`check_tensors` without the values: the same names, shapes and dtypes."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
     if missing or extra:
         parts = []
         if missing:
@@ -189,11 +236,8 @@ def check_tensors(
             parts.append(f"unexpected {[n[:60] for n in extra[:3]]}{'...' if len(extra) > 3 else ''}")
         raise WireFormatError(f"{what} does not match the model's parameters: {'; '.join(parts)}")
     for name, spec in expected.items():
-        t = tensors[name]
+        t = found[name]
         if tuple(t.shape) != spec.shape:
             raise WireFormatError(f"{what}: tensor {name!r} has shape {tuple(t.shape)}, expected {spec.shape}")
         if t.dtype != spec.dtype:
             raise WireFormatError(f"{what}: tensor {name!r} has dtype {_dtype_name(t.dtype)}, expected {_dtype_name(spec.dtype)}")
-        problem = value_error(t, max_abs) if t.is_floating_point() else None
-        if problem is not None:
-            raise WireFormatError(f"{what}: tensor {name!r} {problem}")

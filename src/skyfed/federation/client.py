@@ -58,6 +58,9 @@ class FederatedClient:
         # secure aggregation: a skyfed.security.secagg.participant.SecAggParticipant, set by
         # the runtime when security.secure_aggregation is on; None sends codec-encoded updates
         self.secagg = None
+        # exact LoRA aggregation: a skyfed.lora_exact.BaseReceiver, set by the runtime when
+        # model.peft.aggregation is exact; it applies the base weights' change a task carries
+        self.base = None
 
     def state_dict(self) -> dict:
         """What this client carries from round to round: optimizer moments and schedule
@@ -67,6 +70,7 @@ class FederatedClient:
             "trainer": self.trainer.state_dict(),
             "residual": feedback.state_dict() if feedback is not None else None,
             "downlink": self.downlink.state_dict(),
+            "base": self.base.state_dict() if self.base is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -74,6 +78,8 @@ class FederatedClient:
         if self.uplink.feedback is not None and state["residual"] is not None:
             self.uplink.feedback.load_state_dict(state["residual"])
         self.downlink.load_state_dict(state["downlink"])
+        if self.base is not None and state.get("base") is not None:
+            self.base.load_state_dict(state["base"])
 
     def drop_state(self) -> None:
         """Let go of this client's state (optimizer moments, gradients, residual, held
@@ -106,7 +112,10 @@ class FederatedClient:
         if self.secagg is not None and self.secagg.is_control(task):  # secure aggregation's set-up / unmasking
             return self.secagg.control(task)
         try:
-            params = self.downlink.receive(task.payload, self.spec, self.max_payload_bytes, what="global model")
+            payload = task.payload
+            if self.base is not None:  # exact LoRA: the base weights' change first, then the adapter
+                payload = self.base.receive(payload, self.max_payload_bytes, what="global model")
+            params = self.downlink.receive(payload, self.spec, self.max_payload_bytes, what="global model")
         except WireFormatError as exc:
             log.error("client %s: rejected the global model of round %d: %s", self.name, task.round, exc)
             return ClientResult(self.name, task.round, task.version, None, error=str(exc))

@@ -53,8 +53,15 @@ class Engine:
             model, param_names, strategy, cfg.compression, cfg.federation.max_update_bytes, tc.batch_size * tc.seq_len
         )
         self.core.downlink.clients = {c.name for c in cfg.federation.clients}  # to know when none needs the initial model
+        from skyfed.lora_server import lora_server
+
+        self.core.lora = lora_server(cfg, model, self.core.spec, strategy)  # LoRA ranks per client, exact aggregation
         self.closer = WindowCloser(self.core, evaluator, cfg.eval.max_batches, run, on_event)
         loop_cls = AsyncLoop if strategy.asynchronous else SyncLoop
+        if strategy.asynchronous and cfg.security.secure_aggregation:  # FedBuff: one secure sum per buffer
+            from skyfed.federation.loops.secure_buffer import SecureBufferLoop
+
+            loop_cls = SecureBufferLoop
         self.loop: SyncLoop | AsyncLoop = loop_cls(self.core, transport, self.closer, cfg)
         self.checkpointer = Checkpointer(run.path / "checkpoint", self.core)
         self.checkpointer.parts.update(loop=self.loop, stopwatch=self.closer.stopwatch)

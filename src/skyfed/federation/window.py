@@ -18,7 +18,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from skyfed.compression.channel import fp32_bytes
 from skyfed.federation.server import ServerCore
 from skyfed.metrics import RunDir
 from skyfed.train import EvalResult
@@ -45,6 +44,8 @@ class Window:
     meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # ClientResult.meta of each arrival
     decoded: int = 0  # updates decoded (their fp32 size is the compression ratio's numerator)
     dispatched: int = 0  # tasks sent
+    fp32_up: int = 0  # the decoded updates' and the tasks' tensors as plain fp32 (the compression ratios)
+    fp32_down: int = 0
     aggregated: bool = False
     aggregate_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # strategy metrics, loop-specific fields
@@ -101,7 +102,6 @@ class WindowCloser:
         up, down = dict(w.bytes_up), dict(w.bytes_down)
         core.totals["bytes_up"] += sum(up.values())
         core.totals["bytes_down"] += sum(down.values())
-        full = fp32_bytes(core.spec)
         record = {
             "round": w.round,
             "version": core.version,
@@ -118,8 +118,8 @@ class WindowCloser:
             "bytes_down": sum(down.values()),
             "bytes_up_by_client": up,
             "bytes_down_by_client": down,
-            "fp32_bytes_up": w.decoded * full,  # the same tensors as plain fp32
-            "fp32_bytes_down": w.dispatched * full,
+            "fp32_bytes_up": w.fp32_up,  # the same tensors as plain fp32
+            "fp32_bytes_down": w.fp32_down,
             "cum_bytes_up": core.totals["bytes_up"],
             "cum_bytes_down": core.totals["bytes_down"],
             "compute_s": dict(w.compute_s),
@@ -129,6 +129,8 @@ class WindowCloser:
             "elapsed_s": self.stopwatch.elapsed_s(),
             **w.extra,
         }
+        if core.lora is not None:  # per-client LoRA ranks, exact aggregation (skyfed.lora_server)
+            record["lora"] = core.lora.window_metrics()
         for obs in self.observers:
             record.update(obs.round_end(w.round, record, w))
         self.run_dir.append_metrics(record)

@@ -201,7 +201,8 @@ def finish(ctx: RunContext, extra: dict[str, Any]) -> dict[str, Any]:
     """Final evaluation on the whole validation split, the HF model and summary.json."""
     ctx.emit("status", {"message": "final evaluation on the whole validation split"})
     final = ctx.evaluator(ctx.model, ctx.cfg.eval.final_max_batches)
-    save_hf_model(ctx.model, ctx.data.tokenizer, ctx.run_dir)
+    peft = ctx.cfg.model.peft
+    save_hf_model(ctx.model, ctx.data.tokenizer, ctx.run_dir, folded_base=peft is not None and peft.aggregation == "exact")
     fields = {"params": num_parameters(ctx.model), "device": str(ctx.device), **extra}
     if isinstance(ctx, Run):
         fields = {"mode": "federated", "strategy": ctx.cfg.federation.strategy.name, **fields}

@@ -197,30 +197,3 @@ class ClientStateFiles:
     def _delete(self, name: str) -> None:
         for path in (self.root / name, *(part_path(self.root / name, part) for part in PARTS)):
             path.unlink(missing_ok=True)
-
-
-def release_free_memory() -> None:
-    """Give the memory freed so far back to the operating system, where the C library keeps
-    it for later allocations (glibc's `malloc_trim`; elsewhere nothing): after a client's
-    optimizer moments are let go of, the next allocations (the update, read from a mapped
-    file) would not reuse them, and the process would hold both."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-_TRIM: list = []
-
-
-def _malloc_trim():
-    if not _TRIM:
-        fn = None
-        try:
-            import ctypes
-
-            fn = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            pass
-        _TRIM.append(fn)
-    return _TRIM[0]
-

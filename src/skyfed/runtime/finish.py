@@ -12,7 +12,7 @@ from skyfed.metrics import RunDir
 from skyfed.train import EvalResult
 
 
-def save_hf_model(model: torch.nn.Module, tokenizer, run: RunDir) -> None:
+def save_hf_model(model: torch.nn.Module, tokenizer, run: RunDir, folded_base: bool = False) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -21,7 +21,7 @@ def save_hf_model(model: torch.nn.Module, tokenizer, run: RunDir) -> None:
     from skyfed.lora import is_peft_model, save_adapter_and_merged
 
     if is_peft_model(model):
-        save_adapter_and_merged(model, tokenizer, run.path)
+        save_adapter_and_merged(model, tokenizer, run.path, folded_base)
         return
     # --- end finetune
     model.save_pretrained(str(out))

@@ -14,7 +14,7 @@ to a file, two parts of it are written earlier, each beside the state's file, an
 back only when needed: the model the client holds for delta downlinks just before
 local training (training does not need it; the update is computed afterwards from the
 file), and the optimizer's moments just after (the update does not need them, and their
-memory goes back to the system at once, `release_free_memory`). So the held model is not in memory while training's gradients and
+memory goes back to the system at once, `skyfed.heap.release_free_memory`). So the held model is not in memory while training's gradients and
 activations are, nor the moments while the update's buffers are.
 
 Users: each Ray actor of `runtime: ray` (skyfed.runtime.ray wraps this class in
@@ -37,7 +37,8 @@ import torch
 from skyfed.config import ExperimentConfig
 from skyfed.federation.client import FederatedClient
 from skyfed.federation.messages import ClientResult, TrainTask
-from skyfed.runtime.client_state import ClientStateFiles, External, load_state, part_path, release_free_memory, save_state
+from skyfed.heap import release_free_memory
+from skyfed.runtime.client_state import ClientStateFiles, External, load_state, part_path, save_state
 from skyfed.runtime.setup import client_seed, device_for, make_client
 
 Step = tuple[str, int, int, float]  # client, step, steps, loss (FederatedClient.on_step)
@@ -48,13 +49,16 @@ class ClientReplica:
 
     `threads`: torch threads for this process (a Ray actor), None to leave them.
     `initial_path`: where to keep the fresh client's state (its held model is a whole
-    model) instead of in memory."""
+    model) instead of in memory. `like`: a client whose model this replica's is (its
+    LoRA rank, skyfed.lora_ranks); None for a client with the server's rank."""
 
-    def __init__(self, cfg: ExperimentConfig, tokenizer, threads: int | None = 1, initial_path: str | Path | None = None):
+    def __init__(self, cfg: ExperimentConfig, tokenizer, threads: int | None = 1, initial_path: str | Path | None = None,
+                 like: str | None = None):
         if threads is not None:
             torch.set_num_threads(threads)
         self.cfg = cfg
-        self.client = make_client(cfg, "replica", 0, np.zeros(0, dtype=np.int32), tokenizer, device_for(cfg))
+        name = like if like is not None else "replica"
+        self.client = make_client(cfg, name, 0, np.zeros(0, dtype=np.int32), tokenizer, device_for(cfg))
         self.fresh: dict[str, Any] | None = copy.deepcopy(self.client.state_dict())  # a client that has not trained yet
         self.initial_path = None if initial_path is None else Path(initial_path)
         if self.initial_path is not None:

@@ -95,10 +95,11 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
     )
 
 
-def new_model(cfg: ExperimentConfig, tokenizer) -> torch.nn.Module:
+def new_model(cfg: ExperimentConfig, tokenizer, lora_rank: int | None = None) -> torch.nn.Module:
     return build_model(
         cfg.model.preset, len(tokenizer), tokenizer.eos_token_id, cfg.model.overrides, cfg.model.path, cfg.seed,
         dtype=cfg.model.dtype, peft=cfg.model.peft,  # finetune: weights' dtype, LoRA adapter
+        lora_rank=lora_rank,  # a client's smaller LoRA rank (HetLoRA, skyfed.lora_ranks)
     )
 
 
@@ -117,7 +118,9 @@ def client_seed(cfg: ExperimentConfig, index: int) -> int:
 def make_client(
     cfg: ExperimentConfig, name: str, index: int, tokens: np.ndarray, tokenizer, device: torch.device
 ) -> FederatedClient:
-    model = new_model(cfg, tokenizer)
+    from skyfed.lora_ranks import client_rank
+
+    model = new_model(cfg, tokenizer, client_rank(cfg, name))
     total_steps = cfg.federation.rounds * cfg.train.local_steps
     trainer = LocalTrainer(model, cfg.train, device, total_steps)
     client = FederatedClient(
@@ -129,6 +132,10 @@ def make_client(
         from skyfed.security.secagg.participant import SecAggParticipant
 
         client.secagg = SecAggParticipant.for_config(name, client.spec, cfg)
+    if cfg.model.peft is not None and cfg.model.peft.aggregation == "exact":
+        from skyfed.lora_exact import BaseReceiver
+
+        client.base = BaseReceiver(model)  # FedEx-LoRA: applies the residuals folded into the base weights
     return client
 
 

@@ -22,6 +22,7 @@ from skyfed.federation.engine import EventSink
 from skyfed.metrics import RunDir
 from skyfed.runtime.assemble import assemble, default_run_dir, finish
 from skyfed.runtime.attack import apply_junk_data, wrap_with_attack
+from skyfed.lora_ranks import client_rank
 from skyfed.runtime.client_state import ClientStateFiles
 from skyfed.runtime.inprocess import SimulatedTransport
 from skyfed.runtime.replica import ClientReplica, ReplicaClient
@@ -47,7 +48,8 @@ def simulated_transport(
 ) -> SimulatedTransport:
     """The clients, as objects here, on the simulated clouds (`clouds.simulate`): resident
     clients, or (`simulation.client_state: disk`, which needs `run_dir`) clients whose state
-    is in RUN_DIR/clients and who share one model replica."""
+    is in RUN_DIR/clients and who share one model replica (one per LoRA rank, with
+    per-client ranks)."""
     network = network_from_config(cfg, 0) if cfg.clouds.simulate else None
     apply_junk_data(cfg, data)  # [robust] attack: junk_data, before the clients are built (simulation only)
 
@@ -59,8 +61,13 @@ def simulated_transport(
     files = None
     if run_dir is not None and state_on_disk(cfg):
         files = ClientStateFiles(Path(run_dir) / "clients")
-        replica = ClientReplica(cfg, data.tokenizer, threads=None, initial_path=files.root / "initial.safetensors")
+        replicas: dict[int | None, ClientReplica] = {}  # one per LoRA rank the clients train (HetLoRA)
         for i, spec in enumerate(specs):
+            rank = client_rank(cfg, spec.name)
+            if rank not in replicas:
+                initial = files.root / ("initial.safetensors" if rank is None else f"initial-r{rank}.safetensors")
+                replicas[rank] = ClientReplica(cfg, data.tokenizer, threads=None, initial_path=initial, like=spec.name)
+            replica = replicas[rank]
             secagg = None
             if cfg.security.secure_aggregation:
                 from skyfed.security.secagg.participant import SecAggParticipant

@@ -93,6 +93,7 @@ class AsyncLoop:
             self.bases[core.version] = core.params  # replaced on publish, never changed in place
         w.bytes_down[client] += len(task.payload)
         w.dispatched += 1
+        w.fp32_down += core.fp32_bytes(client)
         self.sent += 1
         self.transport.send(client, task)
         return True
@@ -144,6 +145,7 @@ class AsyncLoop:
             return True
         self.transport.release(result)
         w.decoded += 1
+        w.fp32_up += core.fp32_bytes(result.client)
         w.bytes_up[result.client] += got.bytes_up
         w.train_loss[result.client].append(got.train_loss)
         self.staleness.append(staleness)

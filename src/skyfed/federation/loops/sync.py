@@ -67,15 +67,19 @@ class SyncLoop:
         reached = [c for c in selected if c not in w.unreachable]
         extra: dict[str, dict[str, Any]] = {c: {} for c in reached}
         if self.secure is not None:  # keys and shares first; who completes set-up trains
-            extra = self.secure.setup(self.transport, reached, r, core.version)
+            extra = self._setup_secure(w, reached)
         tasks = {c: core.task(c, r, self.cfg.train.local_steps, {**options, **extra[c]}) for c in reached if c in extra}
         for client, task in tasks.items():
             self.transport.send(client, task)
             w.bytes_down[client] = len(task.payload)
+            w.fp32_down += core.fp32_bytes(client)
         w.dispatched = len(tasks)
         waiting = self.collect(w, tasks)
+        if self.secure is not None:
+            self._count_control(w)
         core.settle(reached, w.accepted)
-        w.missing = [c for c in selected if c in w.unreachable or c in waiting]
+        # unreachable, silent, or (secure aggregation) dropped out during the set-up
+        w.missing = [c for c in selected if c in w.unreachable or c in waiting or (c in reached and c not in tasks)]
         if waiting:
             log.warning("round %d: no update from %s", r, ", ".join(sorted(waiting)))
         self.next_round = r + 1
@@ -113,10 +117,11 @@ class SyncLoop:
                 self.transport.release(result, got.reason)
                 continue
             w.decoded += 1
+            w.fp32_up += core.fp32_bytes(got.client)
             w.bytes_up[got.client] = got.bytes_up
             w.train_loss[got.client].append(got.train_loss)
+            self.transport.release(result)  # validated: the client may hear so while it is folded
             aggregate.add(got)
-            self.transport.release(result)
             w.accepted.append(got.client)
         if self.secure is not None:
             self._publish_secure(w)
@@ -134,11 +139,33 @@ class SyncLoop:
         w.aggregate_s += aggregate.seconds
         return waiting
 
+    def _setup_secure(self, w: Window, reached: list[str]) -> dict[str, dict[str, Any]]:
+        """Secure aggregation's keys and shares stages; the training-task options of the
+        clients that completed them (none when the set-up failed: the round is refused)."""
+        from skyfed.errors import SecAggError
+
+        try:
+            return self.secure.setup(self.transport, reached, w.round, self.core.version)
+        except SecAggError as exc:
+            log.error("round %d: secure aggregation set-up refused: %s; the global model is unchanged", w.round, exc)
+            w.extra["aggregate_error"] = str(exc)
+            return {}
+
+    def _count_control(self, w: Window) -> None:
+        """Secure aggregation's control messages crossed the wire too: add them to the round's bytes."""
+        for client, n in self.secure.bytes_up.items():
+            w.bytes_up[client] += n
+        for client, n in self.secure.bytes_down.items():
+            w.bytes_down[client] += n
+        w.extra["secagg_bytes_up"] = sum(self.secure.bytes_up.values())
+        w.extra["secagg_bytes_down"] = sum(self.secure.bytes_down.values())
+
     def _accept_masked(self, w: Window, result) -> None:
         """Secure aggregation: fold a masked vector into the ring sum (never decoded alone)."""
         nbytes = len(result.payload) if result.payload is not None else 0
         if self.secure.accept(result):
             w.decoded += 1
+            w.fp32_up += self.core.fp32_bytes(result.client)
             w.bytes_up[result.client] = nbytes
             w.train_loss[result.client].append(result.train_loss)
             w.accepted.append(result.client)
@@ -154,6 +181,8 @@ class SyncLoop:
         from skyfed.errors import SecAggError
 
         core, r = self.core, w.round
+        if self.secure.server is None:  # the set-up was refused (logged)
+            return
         if len(w.accepted) < self.cfg.federation.min_clients:
             log.error("round %d: %d masked updates < min_clients; the global model is unchanged", r, len(w.accepted))
             return

@@ -38,9 +38,14 @@ def weighted_sum(tensors: Sequence[Params], weights: Sequence[float]) -> Params:
     return out
 
 
-def apply_delta(params: Params, delta: Params, lr: float = 1.0) -> Params:
+def apply_delta(params: Params, delta: Params, lr: float = 1.0, in_place: bool = False) -> Params:
     """params - lr * delta (delta = theta_start - theta_end, the DiLoCo sign), one new
-    tensor per name (no lr * delta temporary)."""
+    tensor per name (no lr * delta temporary); with `in_place`, written over `delta`'s
+    tensors instead (the same values: a mean the caller no longer needs becomes the
+    result, and no second model-sized allocation is made)."""
+    if in_place:
+        return {name: torch.sub(p, delta[name], alpha=lr, out=delta[name]) if delta[name].dtype == p.dtype
+                else torch.sub(p, delta[name].to(p.dtype), alpha=lr) for name, p in params.items()}
     return {name: torch.sub(p, delta[name].to(p.dtype), alpha=lr) for name, p in params.items()}
 
 

@@ -28,4 +28,5 @@ class FedAvg(MeanStrategy):
         return float(update.num_tokens)
 
     def step(self, global_params: Params, mean_delta: Params, weights: dict[str, float], round: int) -> AggregateResult:
-        return AggregateResult(apply_delta(global_params, mean_delta), {"weights": weights})
+        # the mean is the running sum's own memory: the new model is written over it
+        return AggregateResult(apply_delta(global_params, mean_delta, in_place=True), {"weights": weights})

@@ -16,6 +16,10 @@ The buffer is part of `state_dict()`; `flush` applies a partial buffer at the en
 Security (docs/security.md): `max_staleness` drops updates more than that many versions
 old; `max_client_share` caps each client's accepted share of the last `share_window`
 arrivals (share_cap.py).
+
+Under secure aggregation the buffer is one secure sum (`apply_secure`,
+`loops/secure_buffer.py`): its K clients start from one model version, so their
+staleness is common and its weight multiplies the unmasked mean.
 """
 
 from __future__ import annotations
@@ -82,6 +86,18 @@ class FedBuff(AsyncStrategy):
             weights[e["client"]] = weights.get(e["client"], 0.0) + w
         metrics = {"weights": weights, "buffer_staleness": [e["staleness"] for e in self.buffer], **self.share.report()}
         self.buffer = []
+        return AggregateResult(apply_delta(global_params, step, self.server_lr), metrics)
+
+    def apply_secure(self, global_params: Params, mean: Update, staleness: int, tokens: dict[str, int]) -> AggregateResult:
+        """A buffer whose token-weighted mean `mean.delta` came out of secure aggregation:
+        every update in it has staleness `staleness` (its clients started from one model
+        version), so FedBuff's sum_i n_i s(tau) delta_i / sum_i n_i is s(tau) x the mean.
+        `tokens`: the survivors' public token counts (the weights the clients applied)."""
+        w = staleness_weight(staleness, self.staleness_fn, self.a, self.b)
+        total = float(sum(tokens.values()))
+        weights = {c: w * n / total for c, n in tokens.items()}
+        step = {k: v * w for k, v in mean.delta.items()}
+        metrics = {"weights": weights, "buffer_staleness": [staleness] * len(tokens)}
         return AggregateResult(apply_delta(global_params, step, self.server_lr), metrics)
 
     def state_dict(self) -> dict[str, Any]:

@@ -5,7 +5,9 @@ FedAvg (McMahan et al. 2017, arXiv:1602.05629) and the FedOpt family (Reddi et a
 sum_i w_i * delta_i and sum_i w_i, where each w_i is known from the update alone (its
 token count). So the engine adds each validated update into one fp32 accumulator
 (`RunningMean`) as it arrives and drops it: aggregating K updates of N bytes holds the
-N-byte sum, not K x N bytes. `MeanStrategy.aggregate` (a list of updates at once) runs
+N-byte sum, not K x N bytes (a large update received by the gRPC server is folded
+from its spill file slab by slab, `compression/slabs.py`, so not even one whole update
+is held in memory). `MeanStrategy.aggregate` (a list of updates at once) runs
 the same fold, so buffered and streamed rounds do the same arithmetic; only the order
 of the additions follows arrival order.
 """
@@ -25,12 +27,29 @@ class RunningMean:
     """sum_i w_i * delta_i, folded one update at a time into fp32 accumulators."""
 
     def __init__(self, spec: dict[str, TensorSpec]):
-        self.acc = {n: torch.zeros(s.shape, dtype=torch.float32) for n, s in spec.items()}
+        self.spec = spec
+        self._acc: Params | None = None  # made by the first fold, which writes w * delta (no zero fill)
         self.weights: list[tuple[str, float]] = []  # (client, weight) in fold order
 
+    @property
+    def acc(self) -> Params:
+        if self._acc is None:
+            self._acc = {n: torch.zeros(s.shape, dtype=torch.float32) for n, s in self.spec.items()}
+        return self._acc
+
     def add(self, update: Update, weight: float) -> None:
-        for name, acc in self.acc.items():
-            acc.add_(update.delta[name], alpha=weight)
+        first = self._acc is None  # 0 + w * delta is w * delta: the first fold writes it
+        if first:
+            self._acc = {n: torch.empty(s.shape, dtype=torch.float32) for n, s in self.spec.items()}
+        fold_into = getattr(update.delta, "fold_into", None)
+        if fold_into is not None:  # a `SlabDelta` (`compression/slabs.py`): slab by slab
+            fold_into(self._acc, weight, first)
+        else:
+            for name, acc in self._acc.items():
+                if first:
+                    torch.mul(update.delta[name], weight, out=acc)
+                else:
+                    acc.add_(update.delta[name], alpha=weight)
         self.weights.append((update.client, weight))
 
     @property

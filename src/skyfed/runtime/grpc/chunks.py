@@ -2,13 +2,19 @@
 
 The receiver learns the total size from the stream's header, allocates one bytearray
 of exactly that size and copies each chunk into place: no list of chunks, no join,
-so receiving an N-byte payload costs N bytes (plus one chunk in flight).
+so receiving an N-byte payload costs N bytes (plus one chunk in flight). A server that
+spills large updates to disk uses `compression.spill.SpillWriter` instead (the same
+`add` / `finish` / `close`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
+from skyfed.compression.wire import Framed
 from skyfed.errors import WireFormatError
 
 
@@ -31,12 +37,12 @@ def iter_views(payload: bytes | bytearray | memoryview, chunk_bytes: int) -> Ite
 
 
 class Assembler:
-    """Copies announced-size data into one preallocated buffer, checking the framing."""
+    """Copies announced-size data into one preallocated buffer, checking the sizes."""
 
     def __init__(self, size: int, what: str = "payload"):
         if size < 0:
             raise WireFormatError(f"{what}: negative announced size {size}")
-        self.buffer = bytearray(size)
+        self.buffer = Framed(size)
         self._view = memoryview(self.buffer)
         self.size = size
         self.pos = 0
@@ -49,8 +55,52 @@ class Assembler:
         self._view[self.pos : end] = data
         self.pos = end
 
-    def finish(self) -> bytearray:
+    def finish(self, header: dict[str, Any] | None = None, blob_start: int = 0, verdict: str | None = None) -> Framed:
+        """The bytes; with the `header` a `FrameReader` checked on the way, marked as checked."""
         if self.pos != self.size:
             raise WireFormatError(f"{self.what}: stream ended after {self.pos} of the announced {self.size} bytes")
         self._view.release()
-        return self.buffer
+        return self.buffer.checked(header, blob_start, verdict) if header is not None else self.buffer
+
+    def close(self) -> None:
+        self._view.release()
+
+
+class Pipeline:
+    """Hands each received chunk to `consume` on a helper thread, at most `depth` chunks
+    behind, so the gRPC thread takes the next message while the last one is checked and
+    stored (`zlib.crc32` and `os.write` release the GIL: the two overlap on two cores).
+    The first error `consume` raises comes back from the next `put` or from `finish`."""
+
+    def __init__(self, consume: Callable[[memoryview], None], depth: int = 2):
+        self.consume = consume
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._thread = threading.Thread(target=self._run, name="skyfed-chunks", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self.error is None:  # after an error, drain without consuming
+                try:
+                    self.consume(chunk)
+                except BaseException as exc:  # handed to the receiving thread
+                    self.error = exc
+            del chunk
+
+    def put(self, chunk: memoryview) -> None:
+        if self.error is not None:
+            raise self.error
+        self._queue.put(chunk)
+
+    def finish(self) -> None:
+        """Wait until every chunk is consumed; raise the first error."""
+        self._queue.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        self.error = self.error or RuntimeError("aborted")
+        self._queue.put(None)
+        self._thread.join()

@@ -11,6 +11,11 @@ trains them with the same `FederatedClient` as the simulation, and pushes the up
 It reconnects with capped exponential backoff and carries on (the `FederatedClient`,
 with its optimizer state, persists across reconnects) and exits 0 when the server
 says training is over.
+
+With `security.secure_aggregation` in the config the server sends, the client holds a
+`SecAggParticipant`: it answers the server's control tasks (keys, shares, unmask)
+without training and pushes each answer like an update, and pushes its masked ring
+vector instead of a codec-encoded update (docs/security.md).
 """
 
 from __future__ import annotations
@@ -311,6 +316,9 @@ def run_client(opts: ClientOptions, on_event: Callable[[str, dict[str, Any]], No
             if pulled.status == "wait" or pulled.task is None:
                 continue
             task = pulled.task
+            if client.secagg is not None and client.secagg.is_control(task):  # secure aggregation: no training
+                session.push(client.handle(task))
+                continue
             emit("round_start", {"client": opts.name, "round": task.round})
             result = client.handle(task)
             if session.push(result):

@@ -8,6 +8,7 @@ paths or another client's private data location. Dropped or reset to their defau
 - `data.path` when it is a path on the server (the bundled corpus name `wikitext2` is
   kept: every client has it), and `data.valid_path`;
 - `tokenizer.path` (the client receives the tokenizer files themselves);
+- `federation.spill_dir` (where the server keeps large updates while it checks them);
 - every other client's `data:` (the receiving client keeps its own);
 - `eval` (the server evaluates), and `clouds` (the simulated clouds) unless the
   partition is `capacity`, which sizes the shards by the clouds' profiles.
@@ -34,7 +35,7 @@ def client_config(cfg: ExperimentConfig, name: str) -> str:
         "data": cfg.data.model_copy(update=data_update),
         "tokenizer": cfg.tokenizer.model_copy(update={"path": None}),
         "eval": defaults.eval,
-        "federation": cfg.federation.model_copy(update={"clients": clients}),
+        "federation": cfg.federation.model_copy(update={"clients": clients, "spill_dir": None}),
     }
     if cfg.data.partition.method != "capacity":
         update["clouds"] = defaults.clouds

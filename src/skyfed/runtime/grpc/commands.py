@@ -31,7 +31,8 @@ def add_commands(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/NAME-TIME)"),
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last complete round"),
         join_timeout: float = typer.Option(300.0, "--join-timeout", help="seconds to wait for every client before starting with a quorum (federation.min_clients)"),
-        chunk_mib: float = typer.Option(4.0, "--chunk-mib", help="stream chunk size in MiB"),
+        chunk_mib: float = typer.Option(1.0, "--chunk-mib", help="stream chunk size in MiB"),
+        flow_window_mib: float = typer.Option(4.0, "--flow-window-mib", help="HTTP/2 flow-control window per upload in MiB: the most unread data one upload holds in the server; raise it on long fat links with tuned TCP buffers (0: gRPC's automatic window)"),
         metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics and a status page (/) on this port (needs prometheus-client)"),
         metrics_bind: str = typer.Option("127.0.0.1", "--metrics-bind", help="address for --metrics-port (0.0.0.0: every interface)"),
         metrics_linger: float = typer.Option(0.0, "--metrics-linger", help="keep serving metrics this many seconds after the run is over"),
@@ -54,7 +55,7 @@ def add_commands(app: typer.Typer) -> None:
         bounds = CallBounds(max_calls_per_client, max_calls_per_peer, stream_timeout, idle_timeout, session_ttl)
         opts = ServerOptions(listen, tls_cert, tls_key, client_ca, tokens, insecure, out, resume, join_timeout, int(chunk_mib * 2**20),
                              metrics_port=metrics_port, metrics_bind=metrics_bind, metrics_linger_s=metrics_linger,
-                             open=open_, bounds=bounds)
+                             open=open_, bounds=bounds, flow_window_bytes=int(flow_window_mib * 2**20))
         run_dir, summary = run_server(cfg, opts)
         typer.echo(f"done: {summary['rounds']} rounds, val_ppl {summary['final']['val_ppl']:.2f}; run directory {run_dir.path}")
 

@@ -17,6 +17,14 @@ from skyfed.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MESSAGE_MARGIN = 64 * 2**20  # room for the registration reply (config + tokenizer files)
+# The server's HTTP/2 flow-control window per stream: the most unread data one upload
+# holds in the server (`skyfed server --flow-window-mib`). gRPC's automatic window (BDP
+# probing) grew it so that 400 MB uploads over loopback cost the server 0.15-0.3x the
+# model beyond the running sum (`bench/transport.py`); 4 MiB cost about 0.1x and moved
+# as fast there. 4 MiB per RTT is about what one TCP flow gets with Linux's default
+# socket buffers (tcp_rmem max 6 MiB); on a long fat link with tuned buffers, raise it
+# (or 0: gRPC's automatic window).
+FLOW_WINDOW_BYTES = 4 * 2**20
 
 
 def channel_options(chunk_bytes: int) -> list[tuple[str, int]]:
@@ -32,14 +40,17 @@ def channel_options(chunk_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def server_options(chunk_bytes: int) -> list[tuple[str, int]]:
-    """The channel options, but a server receives at most a chunk (plus margin) per message:
-    clients send small requests and chunks of the size the server tells them."""
+def server_options(chunk_bytes: int, flow_window_bytes: int = FLOW_WINDOW_BYTES) -> list[tuple[str, int]]:
+    """The channel options, but a server receives at most a chunk (plus margin) per message
+    (clients send small requests and chunks of the size the server tells them), and each
+    stream's flow-control window is fixed at `flow_window_bytes` (0: gRPC's automatic one)."""
     receive = ("grpc.max_receive_message_length", 2 * chunk_bytes + 2**20)
+    window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", flow_window_bytes)] if flow_window_bytes > 0 else []
     return [o for o in channel_options(chunk_bytes) if o[0] != receive[0]] + [
         receive,
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ("grpc.so_reuseport", 0),
+        *window,
     ]
 
 

@@ -31,7 +31,7 @@ from skyfed.runtime.grpc.auth import require_tokens
 from skyfed.runtime.grpc.client_config import client_config
 from skyfed.runtime.grpc.limits import CallBounds, max_concurrent_rpcs, worker_threads
 from skyfed.runtime.grpc.rawchunks import add_servicer
-from skyfed.runtime.grpc.security import server_credentials, server_options
+from skyfed.runtime.grpc.security import FLOW_WINDOW_BYTES, server_credentials, server_options
 from skyfed.runtime.grpc.servicer import FederationServicer
 from skyfed.runtime.grpc.transport import GrpcTransport
 
@@ -50,6 +50,7 @@ class ServerOptions:
     resume: bool = False
     join_timeout_s: float = 300.0
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    flow_window_bytes: int = FLOW_WINDOW_BYTES  # per upload stream; 0: gRPC's automatic (BDP) window
     done_grace_s: float = 30.0  # how long to wait for every client to hear "training is over"
     metrics_port: int | None = None  # Prometheus /metrics + status page (runtime/grpc/monitor.py); 0 = any free port
     metrics_bind: str = "127.0.0.1"
@@ -72,14 +73,15 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
     emit = on_event or (lambda kind, data: None)
     if opts.chunk_bytes < 1024:
         raise ConfigError(f"chunk size must be at least 1 KiB, got {opts.chunk_bytes} bytes")
+    if opts.flow_window_bytes < 0 or 0 < opts.flow_window_bytes < 65535 or opts.flow_window_bytes > 2**31 - 1:
+        raise ConfigError(f"--flow-window-mib: the window must be 0 (automatic) or 64 KiB to 2 GiB, got {opts.flow_window_bytes} bytes")
     if opts.resume and opts.out is None:
         raise ConfigError("--resume needs --out: the run directory of the interrupted run")
     creds = server_credentials(opts.tls_cert, opts.tls_key, opts.client_ca, opts.insecure)
     tokens = require_tokens(opts.tokens_file, opts.open)
-    if cfg.security.secure_aggregation:
-        raise ConfigError(
-            "security.secure_aggregation runs in the simulation; the gRPC server does not carry its set-up stages yet"
-        )
+    spill_dir = cfg.federation.spill_dir
+    if spill_dir is not None and not Path(spill_dir).is_dir():
+        raise ConfigError(f"federation.spill_dir={spill_dir!r} is not a directory")
     if cfg.federation.round_timeout_s is None:
         log.warning("federation.round_timeout_s is not set: a round waits for a client that died until it comes back")
     names = [c.name for c in cfg.federation.clients]
@@ -101,7 +103,7 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
         )
         servicers.append(servicer)
         workers = worker_threads(len(names), opts.bounds)  # a pool sized to the bounds
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=server_options(opts.chunk_bytes),
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=server_options(opts.chunk_bytes, opts.flow_window_bytes),
                              maximum_concurrent_rpcs=max_concurrent_rpcs(workers))
         if opts.metrics_port is not None:
             from skyfed.runtime.grpc.monitor import ServerMonitor
@@ -128,6 +130,10 @@ def run_server(cfg: ExperimentConfig, opts: ServerOptions, on_event: EventSink |
         for monitor in monitors:  # round-level gauges
             run.engine.observers.insert(0, monitor)
         servicers[0].limit_update_size(run.engine.core.spec, cfg.compression.uplink)  # no allocation beyond it
+        if not cfg.security.secure_aggregation:  # (masked updates are the coordinator's, whole, in memory)
+            transport.blob_check = run.engine.core.blob_check  # plain updates' values checked as they arrive
+            if run.engine.core.streaming:  # large updates wait in a file, not in memory, until folded
+                transport.spill_min_bytes, transport.spill_dir = cfg.federation.spill_min_bytes, cfg.federation.spill_dir
         log.info("waiting for clients %s", names)
         ready = transport.wait_for_clients(cfg.federation.min_clients, opts.join_timeout_s)
         log.info("clients ready: %s; starting at round %d", ready, run.engine.next_round)

@@ -29,6 +29,16 @@ A refused update for an open round is also handed to the engine as a failed resu
 the round records the rejection and does not wait for that client; the global model is
 never touched by it. An update the engine rejects (e.g. NaN values) is answered with
 `accepted=False` and the engine's reason.
+
+Secure aggregation's control answers (keys, shares, unmask; `meta_json` says
+``{"secagg_stage": STAGE}``) are pushes too and pass every check above, with the stage
+as part of the round rules (the client's open task must be that stage; one push per
+round and stage), a size bound of their own (`max_control_bytes` of the clients'
+names), and their payload's header checked for kind "secagg", the stage, the round, the
+authenticated client and an empty tensor blob. The result carries the authenticated
+name, so the coordinator relays keys and shares under it, never a name the message
+claims. A control answer the protocol refuses is answered with INVALID_ARGUMENT and the
+reason.
 """
 
 from __future__ import annotations
@@ -45,20 +55,25 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from skyfed.compression import strictjson
-from skyfed.compression.wire import TensorSpec, read_header
+from skyfed.compression.framing import FrameReader
+from skyfed.compression.wire import TensorSpec
 from skyfed.errors import AuthError, PayloadTooLargeError, SkyfedError, WireFormatError
 from skyfed.federation.messages import ClientResult, TrainTask
+from skyfed.heap import release_free_memory
 from skyfed.runtime.grpc import PROTOCOL_VERSION, skyfed_pb2 as pb
 from skyfed.runtime.grpc import skyfed_pb2_grpc as pb_grpc
 from skyfed.runtime.grpc.auth import (
     META_NAME, META_PROTOCOL, META_SESSION, META_TOKEN, check_certificate, check_token, metadata_dict,
     new_session_id, same_secret,
 )
-from skyfed.runtime.grpc.chunks import Assembler, iter_views
+from skyfed.runtime.grpc.chunks import Assembler, Pipeline, iter_views
 from skyfed.runtime.grpc.limits import CallBounds, CallLimits, LimitExceeded, Ticket, Watchdog
 from skyfed.runtime.grpc.monitor import NO_MONITOR
 from skyfed.runtime.grpc.rawchunks import data_of, encode_data_chunk
-from skyfed.runtime.grpc.transport import AlreadyReceivedError, GrpcTransport, RoundClosedError
+from skyfed.runtime.grpc.transport import (
+    CONTROL_STAGES, STAGE_META, UPDATE, AlreadyReceivedError, GrpcTransport, RoundClosedError,
+)
+from skyfed.security.secagg.messages import check_control_header, max_control_bytes
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +164,10 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.max_update_bytes = max_update_bytes
         self.update_limit = max_update_bytes  # lowered by `limit_update_size` once the model is known
         self.update_limit_why = f"federation.max_update_bytes={max_update_bytes}"
+        # secure aggregation's control answers: bounded by the session's size, whatever the model
+        self.control_limit = min(max_update_bytes, max_control_bytes(list(transport.clients)))
+        self.control_limit_why = (f"a secure-aggregation control message among {len(transport.clients)} clients "
+                                  f"takes at most {self.control_limit} bytes")
         self.chunk_bytes = chunk_bytes
         self.bounds = bounds or CallBounds()
         self.mutual_tls = mutual_tls
@@ -396,7 +415,11 @@ class FederationServicer(pb_grpc.FederationServicer):
         what = f"update from {name} for round {round}"
         if h.num_tokens < 0:
             raise WireFormatError(f"{what}: a negative token count ({h.num_tokens})")
-        self.transport.check_open(name, round, h.base_version)
+        meta = _meta(h.meta_json, what)
+        stage = _stage(meta, what)
+        if stage != UPDATE:
+            what = f"{stage} answer from {name} for round {round}"
+        self.transport.check_open(name, round, h.base_version, stage)
         with self._lock:
             if name in self._uploading:
                 raise BusyError(f"{what}: another upload from {name} is in progress; one at a time")
@@ -405,19 +428,30 @@ class FederationServicer(pb_grpc.FederationServicer):
         result = ClientResult(
             client=name, round=round, base_version=h.base_version, payload=None, num_tokens=int(h.num_tokens),
             train_loss=h.train_loss, holdout_loss=h.holdout_loss if h.has_holdout_loss else None,
-            compute_s=h.compute_s, error=h.error or None, meta=_meta(h.meta_json, what),
+            compute_s=h.compute_s, error=h.error or None, meta=meta,
         )
         call.pending = result  # from here on, a failure is recorded as this round's refused update
         if result.error is None:
-            if h.payload_bytes > self.update_limit:
-                raise PayloadTooLargeError(f"{what}: {h.payload_bytes} bytes exceeds the limit: {self.update_limit_why}")
+            limit, why = self.update_limit, self.update_limit_why
+            if stage != UPDATE:
+                limit, why = self.control_limit, self.control_limit_why
+            if h.payload_bytes > limit:
+                raise PayloadTooLargeError(f"{what}: {h.payload_bytes} bytes exceeds the limit: {why}")
             if h.payload_bytes <= 0:
                 raise WireFormatError(f"{what}: announced size {h.payload_bytes} is not positive")
-            result.payload = self._receive(call, request_iterator, h, what)
+            try:
+                result.payload = self._receive(call, request_iterator, h, what, stage, limit)
+            finally:
+                release_free_memory()  # the chunks' memory, kept by this thread's arena
         call.pending = None
         self.transport.submit(result)
         del result  # the engine owns the payload now (this thread holds no other reference)
-        verdict = self.transport.wait_released(name, round, RELEASE_WAIT_S)
+        verdict = self.transport.wait_released(name, round, RELEASE_WAIT_S, stage)
+        if stage != UPDATE:
+            if verdict.rejection is not None:  # the protocol refused the message
+                raise Refusal(Code.INVALID_ARGUMENT, f"{what} refused: {verdict.rejection}")
+            log.info("received the round %d %s answer of %s (%d bytes)", round, stage, name, h.payload_bytes)
+            return pb.PushReply(accepted=True, message=f"round {round} {stage} answer received")
         if verdict.rejection is not None:
             log.warning("told %s that its round %d update was rejected: %s", name, round, verdict.rejection)
             return pb.PushReply(accepted=False, message=f"round {round} update rejected: {verdict.rejection}")
@@ -427,28 +461,48 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.monitor.update_received(name, round, h.payload_bytes)
         return pb.PushReply(accepted=True, message=f"round {round} update received")
 
-    def _receive(self, call: _Call, request_iterator: Iterator[bytes], h: pb.UpdateHeader, what: str) -> bytearray:
-        """The update's bytes in one preallocated buffer; framing, CRC-32 and header checked."""
-        buf = Assembler(h.payload_bytes, what)
-        while True:
-            call.ticket.waiting()
-            try:
-                item = next(request_iterator, None)
-            finally:
-                call.ticket.done_waiting()
-            if item is None:
-                break
-            kind, data = _parts(item)
-            if kind != "data":
-                raise WireFormatError(f"{what}: a second header inside the stream")
+    def _receive(self, call: _Call, request_iterator: Iterator[bytes], h: pb.UpdateHeader, what: str,
+                 stage: str, limit: int):
+        """The update's bytes (in memory, or spilled to a file when large: `GrpcTransport.receive_buffer`),
+        framing, sizes, CRC-32 and header checked as the chunks arrive (`FrameReader`, on a
+        helper thread: `Pipeline`): the engine's decode does not check the CRC again. A
+        plain update's tensors and values are checked on the way too, by the engine's
+        own rules (`GrpcTransport.blob_check`); the engine turns a problem into its rejection.
+        A secure-aggregation control answer is small: kept in memory, its header checked."""
+        update = stage == UPDATE
+        frame = FrameReader(h.payload_bytes, limit, what, self.transport.blob_check if update else None)
+        buf = self.transport.receive_buffer(h.payload_bytes, what) if update else Assembler(h.payload_bytes, what)
+
+        def consume(data: memoryview) -> None:
+            frame.feed(data)
             buf.add(data)
-        payload = buf.finish()
+
+        pipe = Pipeline(consume)
         try:
-            header, _ = read_header(payload, self.update_limit)  # framing, sizes, CRC-32
-        except WireFormatError as exc:
-            raise type(exc)(f"{what}: {exc}") from None
-        _check_payload_header(header, h, call.name, what)
-        return payload
+            while True:
+                call.ticket.waiting()
+                try:
+                    item = next(request_iterator, None)
+                finally:
+                    call.ticket.done_waiting()
+                if item is None:
+                    break
+                kind, data = _parts(item)
+                if kind != "data":
+                    raise WireFormatError(f"{what}: a second header inside the stream")
+                pipe.put(data)
+                del item, data  # not held here while the next chunk arrives
+            pipe.finish()
+            header = frame.finish()
+            if update:
+                _check_payload_header(header, h, call.name, what)
+            else:  # kind, stage, round, the authenticated client, no tensors
+                check_control_header(header, h.payload_bytes - frame.blob_start, stage, h.round, call.name)
+            return buf.finish(header, frame.blob_start, frame.verdict)
+        except BaseException:
+            pipe.abort()
+            buf.close()
+            raise
 
     def _record_refusal(self, result: ClientResult, reason: str) -> None:
         """Tell the engine (the round must not wait for this client); drop the payload."""
@@ -471,6 +525,16 @@ def _check_payload_header(header: dict[str, Any], h: pb.UpdateHeader, name: str,
         got = header.get(key)
         if type(got) is not type(want) or got != want:
             raise WireFormatError(f"{what}: the payload's header says {key}={_shown(repr(got))}, the push says {want!r} (a replayed or re-labelled update)")
+
+
+def _stage(meta: dict, what: str) -> str:
+    """The stage a push declares: "update", or a secure-aggregation control stage."""
+    if STAGE_META not in meta:
+        return UPDATE
+    stage = meta[STAGE_META]
+    if stage not in CONTROL_STAGES:
+        raise WireFormatError(f"{what}: meta_json names an unknown stage {_shown(repr(stage))}")
+    return stage
 
 
 def _parts(item: bytes | pb.UpdateChunk) -> tuple[str | None, object]:

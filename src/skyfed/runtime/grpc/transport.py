@@ -12,15 +12,21 @@ Synchronous-mode rules (enforced in `submit`):
 - an update is accepted only for the client's open round and built on the model
   version it was sent; one for a past (or future) round, or another base version, is
   refused with `RoundClosedError`;
-- the same (client, round) is accepted once; a second push is refused with
+- the same (client, round, stage) is accepted once; a second push is refused with
   `AlreadyReceivedError` (the first, or its refusal, stands).
 
+The stage is "update" except for secure aggregation's control messages ("keys",
+"shares", "unmask"; `stage_of`): the coordinator sends them as tasks of the same round,
+one at a time, and the answer to each is accepted only while that stage's task is the
+client's open one.
+
 Backpressure: the servicer answers a push only once the engine has released the update
-(`release`: decoded and folded into the round's aggregate, or rejected with a reason
-that `wait_released` hands to the servicer for the client), or after `wait_released`'s
-timeout. A client's next upload then never overlaps the server still folding its last
-one, so the server holds the running aggregate, the update being folded and the
-uploads in flight, never a queue of received updates.
+(`release`: validated and taken into the round, or rejected with a reason that
+`wait_released` hands to the servicer for the client), or after `wait_released`'s
+timeout. The server holds the running aggregate, the update being folded and the
+uploads in flight, never a queue of received updates; an upload of at least
+`spill_min_bytes` (`federation.spill_min_bytes`) waits in a temporary file, not in
+memory (`receive_buffer`).
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from skyfed.compression.spill import SpillWriter
 from skyfed.errors import SkyfedError
 from skyfed.federation.messages import ClientResult, TrainTask
 from skyfed.federation.transport import Transport
+from skyfed.runtime.grpc.chunks import Assembler
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,24 @@ class ClientRecord:
         return self.session is not None and self.num_tokens > 0
 
 
+UPDATE = "update"
+CONTROL_STAGES = ("keys", "shares", "unmask")
+STAGE_META = "secagg_stage"  # ClientResult.meta key of a control answer's stage
+
+
+def stage_of(task: TrainTask) -> str:
+    """A task's stage: a secure-aggregation control stage, else "update"."""
+    info = task.options.get("secagg")
+    stage = info.get("stage") if isinstance(info, dict) else None
+    return stage if stage in CONTROL_STAGES else UPDATE
+
+
+def result_stage(result: ClientResult) -> str:
+    """The stage a result answers (the servicer sets `meta[STAGE_META]` after its checks)."""
+    stage = result.meta.get(STAGE_META)
+    return stage if stage in CONTROL_STAGES else UPDATE
+
+
 class GrpcTransport(Transport):
     def __init__(self, names: list[str]):
         self._names = list(names)
@@ -80,10 +106,18 @@ class GrpcTransport(Transport):
         self.clients = {n: ClientRecord(n, i) for i, n in enumerate(names)}
         self._open: dict[str, TrainTask] = {}
         self._results: deque[ClientResult] = deque()
-        self._accepted: set[tuple[str, int]] = set()
-        self._held: set[tuple[str, int]] = set()  # queued or in the engine's hands, not released
-        self._rejections: dict[tuple[str, int], str] = {}  # released with a rejection, not yet told
+        # keys are (client, round, stage)
+        self._accepted: set[tuple[str, int, str]] = set()
+        self._held: set[tuple[str, int, str]] = set()  # queued or in the engine's hands, not released
+        self._rejections: dict[tuple[str, int, str], str] = {}  # released with a rejection, not yet told
         self._done = False
+        # Updates of at least `spill_min_bytes` are received into a temporary file in
+        # `spill_dir` (None: never); the server sets them when its strategy folds updates.
+        self.spill_min_bytes: int | None = None
+        self.spill_dir: str | None = None
+        # The engine's checks of a plain update's tensors, run as its chunks arrive
+        # (`ServerCore.blob_check`); None: the engine checks once the update is in.
+        self.blob_check = None
 
     # ------------------------------------------------------------ engine side
 
@@ -111,7 +145,7 @@ class GrpcTransport(Transport):
     def release(self, result: ClientResult, rejection: str | None = None) -> None:
         """The engine is done with `result`; `rejection` says why it refused it (None: taken)."""
         with self._cond:
-            key = (result.client, result.round)
+            key = (result.client, result.round, result_stage(result))
             if rejection is not None and key in self._held:
                 self._rejections[key] = rejection
             self._held.discard(key)
@@ -124,6 +158,13 @@ class GrpcTransport(Transport):
             self._cond.notify_all()
 
     # ------------------------------------------------------------ servicer side
+
+    def receive_buffer(self, size: int, what: str) -> Assembler | SpillWriter:
+        """Where an update of `size` bytes is received: one buffer in memory, or a spill
+        file for a large one when the engine folds updates slab by slab (`compression/slabs.py`)."""
+        if self.spill_min_bytes is not None and size >= self.spill_min_bytes:
+            return SpillWriter(size, self.spill_dir, what)
+        return Assembler(size, what)
 
     @property
     def done(self) -> bool:
@@ -146,45 +187,45 @@ class GrpcTransport(Transport):
                     return None
                 self._cond.wait(left)
 
-    def check_open(self, client: str, round: int, base_version: int | None = None) -> None:
-        """Raise unless an update from `client` for `round` (built on `base_version`) may come now."""
+    def check_open(self, client: str, round: int, base_version: int | None = None, stage: str = UPDATE) -> None:
+        """Raise unless a result from `client` for `round` and `stage` (built on `base_version`) may come now."""
         with self._cond:
-            self._check_open(client, round, base_version)
+            self._check_open(client, round, base_version, stage)
 
-    def _check_open(self, client: str, round: int, base_version: int | None) -> None:
-        if (client, round) in self._accepted:
-            raise AlreadyReceivedError(
-                f"client {client!r} already pushed its round {round} update (or had it refused); one push per round"
-            )
+    def _check_open(self, client: str, round: int, base_version: int | None, stage: str) -> None:
+        if (client, round, stage) in self._accepted:
+            what = f"round {round} update" if stage == UPDATE else f"round {round} {stage} answer"
+            raise AlreadyReceivedError(f"client {client!r} already pushed its {what} (or had it refused); one push per round")
         task = self._open.get(client)
-        if task is None or task.round != round:
-            current = "none" if task is None else str(task.round)
-            raise RoundClosedError(
-                f"round {round} is not open for client {client!r} (its open round: {current}); update refused"
-            )
+        if task is None or task.round != round or stage_of(task) != stage:
+            current = "none" if task is None else f"{task.round}" + ("" if stage_of(task) == UPDATE else f" ({stage_of(task)})")
+            what = f"round {round}" if stage == UPDATE else f"round {round} ({stage})"
+            raise RoundClosedError(f"{what} is not open for client {client!r} (its open round: {current}); refused")
         if base_version is not None and base_version != task.version:
             raise RoundClosedError(
-                f"client {client!r}: the round {round} update says it is built on model version {base_version}, "
-                f"but the task sent it version {task.version}; update refused"
+                f"client {client!r}: the round {round} {'update' if stage == UPDATE else stage + ' answer'} says it is "
+                f"built on model version {base_version}, but the task sent it version {task.version}; refused"
             )
 
     def submit(self, result: ClientResult) -> None:
-        """Queue a result for the engine; raise if its round is not open or already received."""
+        """Queue a result for the engine; raise if its round and stage are not open or already received."""
         with self._cond:
-            self._check_open(result.client, result.round, None)
-            key = (result.client, result.round)
+            stage = result_stage(result)
+            self._check_open(result.client, result.round, None, stage)
+            key = (result.client, result.round, stage)
             self._accepted.add(key)
             if result.payload is not None:
                 self._held.add(key)
             del self._open[result.client]
-            self.clients[result.client].rounds_submitted.append(result.round)
+            if stage == UPDATE:
+                self.clients[result.client].rounds_submitted.append(result.round)
             self._results.append(result)
             self._cond.notify_all()
 
-    def wait_released(self, client: str, round: int, timeout_s: float) -> Verdict:
-        """Wait until the engine has released (client, round)'s update, with its rejection if any."""
+    def wait_released(self, client: str, round: int, timeout_s: float, stage: str = UPDATE) -> Verdict:
+        """Wait until the engine has released (client, round, stage)'s result, with its rejection if any."""
         end = time.monotonic() + timeout_s
-        key = (client, round)
+        key = (client, round, stage)
         with self._cond:
             while key in self._held and not self._done:
                 left = end - time.monotonic()

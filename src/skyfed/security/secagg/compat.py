@@ -5,7 +5,9 @@ The server sees only the sum of the masked vectors, so:
 - strategies that need only a weighted sum work: the weighted means (fedavg, fedprox),
   the FedOpt family (fedopt, diloco, fedavgm, fedadam, fedyogi, fedadagrad, fedsgd: the
   server optimizer steps on the unmasked mean) and FedBuff (each buffer is one secure
-  sum; staleness weights are public and pre-multiplied like token weights);
+  sum of a cohort of clients that start from one model version, so their common
+  staleness weight multiplies the unmasked mean: federation/loops/secure_buffer.py;
+  its per-client share cap is refused);
 - strategies that look at individual updates cannot: FedAsync applies each update on
   its own as it arrives (a sum of one is the update itself), the performance-weighted
   `dynamic` strategy scores each client's model, and the robust strategies (median,
@@ -86,10 +88,10 @@ def check_config(cfg: Any) -> None:
     """All of secure aggregation's checks on an `ExperimentConfig` (one ConfigError line):
     the strategy, the uplink chain, and a threshold the client count can meet."""
     check_compatible(cfg.federation.strategy.name, cfg.compression.uplink)
-    if cfg.federation.strategy.name == "fedbuff":
+    if cfg.federation.strategy.name == "fedbuff" and cfg.federation.strategy.params.get("max_client_share") is not None:
         raise ConfigError(
-            "security.secure_aggregation with fedbuff: the protocol supports it (one secure sum per buffer) but the "
-            "asynchronous loop does not run it yet; use a synchronous strategy"
+            "security.secure_aggregation with fedbuff cannot cap max_client_share: a buffer is one secure sum of a "
+            "cohort of distinct clients (federation/loops/secure_buffer.py), not a stream of single arrivals to cap"
         )
     sa, n = cfg.security.secagg, len(cfg.federation.clients)
     if n < 2:
