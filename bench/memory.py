@@ -2,12 +2,14 @@
 
     python bench/memory.py                       # every case below, one at a time
     python bench/memory.py --cases sim3 sim10    # some of them
-    python bench/memory.py --child sim3          # one case in this process (what the parent runs)
+    python bench/memory.py --timeout 1800        # kill a case that runs longer (recorded as such)
     python bench/memory.py --before DIR          # also sim3 on the source tree DIR (e.g. the commit
                                                  # before this change, from `git archive`): `sim3_before`
 
-Each case runs in its own process (started by this script), which reports its peak
-resident memory, VmHWM from /proc/self/status (Linux), once it is done. Cases:
+Each case runs in its own process (started by this script, `--child CASE`), which
+reports its peak resident memory, VmHWM from /proc/self/status (Linux), once it is
+done; its run directory (client state files included) is a temporary folder, removed
+when the process ends, however it ends. Cases:
 
 - `step`:        the training working set: one plain AdamW step of gpt2-124m, batch 2
                  (model, gradients, moments, activations) after the same data preparation;
@@ -32,6 +34,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -96,53 +99,72 @@ def plain_step(overrides: list[str]) -> dict:
     return {"params": num_parameters(model), "resting_rss_bytes": resting, "seconds": time.perf_counter() - t0}
 
 
-def simulation(overrides: list[str]) -> dict:
+def simulation(overrides: list[str], workdir: Path) -> dict:
     from skyfed.config import load_config
     from skyfed.runtime.simulation import run_simulation
 
     cfg = load_config(overrides=COMMON + overrides)
-    tmp = Path(tempfile.mkdtemp(prefix="skyfed-memory-"))
-    try:
-        t0 = time.perf_counter()
-        _, summary = run_simulation(cfg, tmp / "run")
-        state = tmp / "run" / "clients"
-        state_bytes = sum(p.stat().st_size for p in state.iterdir()) if state.is_dir() else 0
-        return {
-            "params": summary["params"], "final_val_ppl": summary["final"]["val_ppl"],
-            "client_state_files_bytes": state_bytes, "seconds": time.perf_counter() - t0,
-        }
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.perf_counter()
+    _, summary = run_simulation(cfg, workdir / "run")
+    state = workdir / "run" / "clients"
+    state_bytes = sum(p.stat().st_size for p in state.rglob("*") if p.is_file()) if state.is_dir() else 0
+    return {
+        "params": summary["params"], "final_val_ppl": summary["final"]["val_ppl"],
+        "client_state_files_bytes": state_bytes, "seconds": time.perf_counter() - t0,
+    }
 
 
-def child(case: str) -> None:
+def child(case: str, workdir: Path) -> None:
     overrides = CASES[case]
-    out = plain_step(overrides) if case == "step" else simulation(overrides)
+    out = plain_step(overrides) if case == "step" else simulation(overrides, workdir)
     out["peak_rss_bytes"] = peak_rss_bytes()
     print(json.dumps(out))
 
 
-def run_child(case: str, src: Path = Path("src"), label: str | None = None) -> dict:
+def run_child(case: str, src: Path = Path("src"), label: str | None = None, timeout_s: float | None = None) -> dict:
+    """Run one case in its own process, in a temporary folder that is removed afterwards
+    however the process ended (a killed run leaves gigabytes of client state files)."""
     env = dict(os.environ, PYTHONPATH=str(src.resolve()), PYTHONDONTWRITEBYTECODE="1")
+    workdir = Path(tempfile.mkdtemp(prefix="skyfed-memory-"))
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", case], env=env, capture_output=True, text=True)
-    row: dict = {"case": label or case, "overrides": COMMON + CASES[case], "exit_code": proc.returncode,
+    cmd = [sys.executable, __file__, "--child", case, "--workdir", str(workdir)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as exc:  # run() has killed the child
+        code, stdout, stderr = None, "", f"timed out after {timeout_s:g} s (--timeout)\n{_text(exc.stderr)}"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    row: dict = {"case": label or case, "overrides": COMMON + CASES[case], "exit_code": code,
                  "wall_s": round(time.perf_counter() - started, 1)}
     if label is not None:
         row["src"] = str(src)
-    if proc.returncode == 0:
-        row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    if code == 0:
+        row.update(json.loads(stdout.strip().splitlines()[-1]))
+    elif code is None:
+        row["error"] = stderr.splitlines()[0]
     else:
-        row["error"] = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        last = (stderr.strip().splitlines() or ["(no output)"])[-1]
+        row["error"] = f"killed by {signal.Signals(-code).name}: {last}" if code < 0 else last
     print(json.dumps(row), flush=True)
     return row
 
 
+def _text(data: bytes | str | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+
+
 def goals(rows: dict[str, dict]) -> dict:
-    """Each goal: met or not, with the numbers it was judged on."""
+    """Each goal whose cases ran: met or not, with the numbers it was judged on (a goal
+    whose case failed is not met, and says which case)."""
     out: dict = {}
     step, sim3, sim10, llama = (rows.get(k) for k in ("step", "sim3", "sim10", "llama3"))
     ok = lambda r: r is not None and r.get("exit_code") == 0  # noqa: E731
+    for goal, needs in (("sim3_within_4x_model_plus_working_set", ("step", "sim3")),
+                        ("sim10_within_1.1x_sim3", ("sim3", "sim10"))):
+        failed = [k for k in needs if k in rows and not ok(rows[k])]
+        if failed and all(k in rows for k in needs):
+            out[goal] = {"met": False, "failed_cases": failed}
     if ok(step) and ok(sim3):
         model = 4 * step["params"]
         bound = 4 * model + step["peak_rss_bytes"]
@@ -171,17 +193,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     ap.add_argument("--child", choices=list(CASES), help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--timeout", type=float, default=None, help="seconds a case may run before it is killed (recorded)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--before", type=Path, help="a source tree (its src/ folder) to run sim3 on as `sim3_before`")
     ap.add_argument("--before-commit", default=None, help="the commit --before was taken from (recorded)")
     args = ap.parse_args()
     if args.child:
-        child(args.child)
+        child(args.child, args.workdir)
         return
     load_before = os.getloadavg()
-    rows = {case: run_child(case) for case in args.cases}
+    rows = {case: run_child(case, timeout_s=args.timeout) for case in args.cases}
     if args.before is not None:
-        rows["sim3_before"] = run_child("sim3", args.before, "sim3_before")
+        rows["sim3_before"] = run_child("sim3", args.before, "sim3_before", args.timeout)
         rows["sim3_before"]["commit"] = args.before_commit
     result = {
         "benchmark": "memory",
