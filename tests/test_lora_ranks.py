@@ -134,3 +134,29 @@ def test_a_simulation_with_ranks_8_4_2(pretrained, tmp_path):
     before = _evaluate(pretrained / "model", [*PRETRAIN[3::2], "data.topics=[3]"])
     assert summary["final"]["val_tokens"] == before.tokens
     assert summary["final"]["val_ppl"] < before.ppl, (summary["final"]["val_ppl"], before.ppl)
+
+
+def test_clients_on_disk_with_ranks_and_exact_folding_equal_resident_clients(pretrained, tmp_path):
+    """`simulation.client_state: disk` builds one model replica per LoRA rank and keeps each
+    client's base weights (exact folding) in its state file: the run is bit-identical to
+    resident clients, and each client's adapter travels at its own rank."""
+    from skyfed.federation.checkpoint import load_checkpoint
+    from skyfed.runtime.simulation import run_simulation
+
+    timing = {"compute_s", "aggregate_s", "eval_s", "wall_time_s", "elapsed_s"}
+    out = {}
+    for where in ("memory", "disk"):
+        cfg = _cfg("threads=1", f"model.path={pretrained / 'model'}", "train.lr=0.01", "model.peft.aggregation=exact",
+                   *PRETRAIN[3::2], "data.topics=[3]", f"simulation.client_state={where}",
+                   "clouds.aggregation_s=0.0")  # simulated times from the bytes and the model only
+        run, summary = run_simulation(cfg, tmp_path / where)
+        params, _ = load_checkpoint(run.path / "checkpoint")
+        rows = [{k: v for k, v in json.loads(line).items() if k not in timing}
+                for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+        out[where] = params, rows, summary["final"]
+    (pm, rm, fm), (pd, rd, fd) = out["memory"], out["disk"]
+    assert pm.keys() == pd.keys() and all(torch.equal(pm[n], pd[n]) for n in pm)
+    assert rm == rd and len(rd) == 2 and fm == fd
+    assert rd[0]["bytes_up_by_client"]["azure"] < rd[0]["bytes_up_by_client"]["gcp"] < rd[0]["bytes_up_by_client"]["aws"]
+    files = {p.name for p in (tmp_path / "disk" / "clients").iterdir()}
+    assert {"initial.safetensors", "initial-r4.safetensors", "initial-r2.safetensors"} <= files

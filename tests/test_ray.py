@@ -104,8 +104,9 @@ def test_ray_resume_is_exact(tmp_path, shared_ray, where):
     if where == "disk":  # the checkpoint of round 1 names generation-2 files; round 0's are kept too
         _, saved = load_checkpoint(tmp_path / "cut" / "checkpoint")
         assert saved["parts"]["transport"]["client_files"] == {n: f"{n}.2.safetensors" for n in ("aws", "gcp", "azure")}
-        files = sorted(p.name for p in (tmp_path / "cut" / "client_state").iterdir())
-        assert files == sorted(f"{n}.{g}.safetensors" for n in ("aws", "gcp", "azure") for g in (1, 2))
+        files = sorted(p.name for p in (tmp_path / "cut" / "clients").iterdir() if p.is_file())
+        parts = ("", ".downlink", ".trainer")  # a state, and the parts of it written apart
+        assert files == sorted(f"{n}.{g}{p}.safetensors" for n in ("aws", "gcp", "azure") for g in (1, 2) for p in parts)
     _assert_same(whole, _run(tmp_path, "cut", extra, resume=True))
 
 

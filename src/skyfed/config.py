@@ -103,6 +103,9 @@ class TrainConfig(Section):
     compile: Literal["auto", "on", "off"] = "auto"
     # mixed precision of the training forward; auto = bf16 on CUDA with bf16 support, else off
     autocast: Literal["auto", "bf16", "off"] = "auto"
+    # Recompute each layer's activations in the backward pass instead of keeping them
+    # (Hugging Face's gradient_checkpointing_enable): less memory, about a third more compute.
+    activation_checkpointing: bool = False
 
 
 class EvalConfig(Section):
@@ -344,10 +347,21 @@ class RayConfig(Section):
     actors: int = Field(2, ge=1)  # how many clients train at once
     num_cpus_per_actor: float = Field(1.0, gt=0)
     # where each client's state (optimizer moments, residual, held model) waits between
-    # its rounds: Ray's object store, or files under RUN_DIR/client_state/
+    # its rounds: Ray's object store, or files under RUN_DIR/clients/
     client_state: Literal["object_store", "disk"] = "object_store"
     num_cpus: int | None = Field(None, ge=1)  # a local Ray's CPUs; None = Ray's default (all)
     object_store_mb: int | None = Field(None, ge=75)  # a local Ray's object store; None = Ray's default
+
+
+class SimulationConfig(Section):
+    """The in-process simulation (`runtime: inprocess`, skyfed.runtime.simulation; docs/scale.md)."""
+
+    # Where each client's state waits between its rounds (AdamW moments, error-feedback
+    # residual, the model it holds for delta downlinks). disk: safetensors files under
+    # RUN_DIR/clients/, and one model replica that the clients share, one client training
+    # at a time: memory grows with the model, not with the number of clients. memory:
+    # every client keeps its own model and state resident. Both give the same results.
+    client_state: Literal["disk", "memory"] = "disk"
 
 
 class ExperimentConfig(Section):
@@ -358,6 +372,7 @@ class ExperimentConfig(Section):
     # Where the simulated clients train: objects in this process, or a pool of Ray actors
     # (`ray:` below; docs/scale.md).
     runtime: Literal["inprocess", "ray"] = "inprocess"
+    simulation: SimulationConfig = SimulationConfig()
     ray: RayConfig = RayConfig()
     out_dir: str = "runs"
     data: DataConfig = DataConfig()
@@ -404,6 +419,15 @@ class ExperimentConfig(Section):
             raise ValueError(f"attack.clients: {unknown} are not in federation.clients {names}")
         if len(set(self.attack.clients)) != len(self.attack.clients):
             raise ValueError(f"attack.clients: names must be unique, got {self.attack.clients}")
+        return self
+
+    @model_validator(mode="after")
+    def _checkpointing_without_dp_sgd(self) -> "ExperimentConfig":
+        if self.train.activation_checkpointing and self.security.dp.document is not None:
+            raise ValueError(
+                "train.activation_checkpointing does not work with security.dp.document: opacus' per-sample "
+                "gradients need each layer's forward pass once; turn one of them off"
+            )
         return self
 
     @model_validator(mode="after")

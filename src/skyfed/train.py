@@ -72,11 +72,29 @@ def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, 
     return loss, logits
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in the backward pass (Chen et al. 2016, "Training Deep Nets
+    with Sublinear Memory Cost"), with Hugging Face's per-layer checkpointing
+    (`activation_checkpointing_enable`, `gradient_checkpointing_enable` before
+    transformers 5.x); the non-reentrant variant also works when the inputs need no
+    gradient (frozen embeddings under LoRA). The KV cache, useless in training, is off."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_cache", False):
+        config.use_cache = False
+
+
 class LocalTrainer:
     """One client's model and optimizer; the optimizer state may persist across rounds."""
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device, total_steps: int):
         self.model = model.to(device)
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
         self.cfg = cfg
         self.device = device
         self.total_steps = total_steps
@@ -159,6 +177,7 @@ class LocalTrainer:
             losses.append(loss.detach())
             if on_step is not None:
                 on_step(i + 1, loss.item())
+        self.optimizer.zero_grad(set_to_none=True)  # the gradients are not needed between tasks
         values = torch.stack(losses).float().tolist()  # one read from the device, not one per step
         seconds = time.perf_counter() - start
         tokens_seen = steps * batch.size(0) * (batch.size(1) - 1)

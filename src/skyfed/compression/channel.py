@@ -15,6 +15,8 @@
   seed, so the first delta is taken against it (state tag 0), with a CRC-32 of the
   initial tensors in the header that the client checks before applying anything; a
   client whose initial model differs refuses, and gets the whole model next round.
+  A state no client holds any more is dropped as soon as its last client moves on, and
+  the initial model once every client of the run (`clients`, when known) has been met.
 * `DownlinkReceiver` (client side): decodes a model or a delta and applies it to the
   model it holds, refusing a delta against a state it does not hold or one that would
   leave a value non-finite or above `wire.MAX_ABS`.
@@ -67,13 +69,17 @@ class Uplink:
         """The model to train from (see ErrorFeedback.start_point)."""
         return params if self.feedback is None else self.feedback.start_point(params)
 
-    def encode(self, tensors: dict[str, torch.Tensor], salt: int, from_start_point: bool = False, **header: Any) -> bytes:
+    def encode(
+        self, tensors: dict[str, torch.Tensor], salt: int, from_start_point: bool = False, consume: bool = False,
+        **header: Any,
+    ) -> bytes:
         """`from_start_point`: `tensors` is the change from `start_point(...)`, which
-        already holds the residual when it lives in the model."""
+        already holds the residual when it lives in the model. `consume`: `tensors` is
+        the caller's to give away (ErrorFeedback.encode), which saves memory."""
         chain = self.chain.salted(salt).for_round(int(header.get("round", 0)))
         if self.feedback is not None:
             compensate = not (from_start_point and self.feedback.in_model)
-            parts, _ = self.feedback.encode(tensors, chain, compensate)
+            parts, _ = self.feedback.encode(tensors, chain, compensate, consume=consume)
         else:
             parts = chain.encode(tensors)
         return pack_parts(parts, chain, **header)
@@ -90,6 +96,7 @@ class Downlink:
         self.next_tag = 1
         self.met: set[str] = set()  # clients that already got a payload
         self.initial_crc: int | None = None
+        self.clients: set[str] | None = None  # every client of the run, when known (the engine sets it)
         self._cache: dict[int | None, tuple[bytes, int | None]] = {}
 
     @classmethod
@@ -112,7 +119,20 @@ class Downlink:
         payload, tag = self._cache[base]
         if tag is not None:
             self.client_tag[client] = tag
+            self._drop_unused(base)
         return payload
+
+    def _initial_needed(self) -> bool:
+        """Whether a client may still ask for its first model (a delta from state 0)."""
+        return self.clients is None or not self.clients <= self.met
+
+    def _drop_unused(self, tag: int | None) -> None:
+        """Forget the model of state `tag` when no client holds it any more (its payload
+        stays cached for this version)."""
+        if tag is None or tag not in self.held or (tag == 0 and self._initial_needed()):
+            return
+        if tag == 0 or tag not in self.client_tag.values():
+            del self.held[tag]
 
     def _encode(self, base: int | None, params: dict[str, torch.Tensor], round: int, version: int) -> tuple[bytes, int | None]:
         if base is None:
@@ -122,11 +142,14 @@ class Downlink:
             chain, tensors, kind = self.chain, {n: params[n] - held[n] for n in params}, "model_delta"
         chain = chain.salted(mix_seed(round, base or 0)).for_round(round)
         parts = chain.encode(tensors)
+        del tensors  # the change is encoded: its buffer can go before the decoded copy comes
         tag = None
         if self.delta:
             sent = chain.decode(parts, self.spec, "downlink") if chain else {n: t.to(torch.float32).clone() for n, t in parts.items()}
             tag, self.next_tag = self.next_tag, self.next_tag + 1
-            self.held[tag] = sent if base is None else {n: self.held[base][n] + sent[n] for n in sent}
+            if base is not None:  # the new state, one tensor at a time
+                sent = {n: self.held[base][n] + sent.pop(n) for n in list(sent)}
+            self.held[tag] = sent
         header = dict(kind=kind, round=round, version=version, base_tag=base, tag=tag)
         if base == 0:
             header["base_crc"] = self.initial_crc
@@ -146,7 +169,9 @@ class Downlink:
         for client in set(selected) - set(succeeded):
             if self.client_tag.pop(client, None) is not None:
                 log.info("downlink: %s will receive the whole model next time", client)
-        live = set(self.client_tag.values()) | {0}  # the initial model, for clients not met yet
+        live = set(self.client_tag.values())
+        if self._initial_needed():
+            live.add(0)  # the initial model, for clients not met yet
         self.held = {t: h for t, h in self.held.items() if t in live}
         self._cache = {}
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from skyfed.compression.chain import Chain
+from skyfed.compression.chain import SEP, Chain
 from skyfed.compression.wire import spec_of
 
 
@@ -49,17 +49,50 @@ class ErrorFeedback:
         self.residual = {k: compensated[k] - sent[k] for k in compensated}
 
     def encode(
-        self, tensors: dict[str, torch.Tensor], chain: Chain, compensate: bool = True
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        self, tensors: dict[str, torch.Tensor], chain: Chain, compensate: bool = True, consume: bool = False
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         """Compensate (unless the residual is already inside `tensors`), encode, decode
         locally and update the residual.
 
-        Returns (encoded parts, decoded tensors as the receiver will see them)."""
-        compensated = self.compensate(tensors) if compensate else {k: v.to(torch.float32) for k, v in tensors.items()}
+        Returns (encoded parts, decoded tensors as the receiver will see them). With
+        `consume` the caller hands `tensors` over: the residual is added to them in place,
+        the old residual is let go once the parts exist, the dict is emptied while the new
+        residual is computed tensor by tensor, and the decoded tensors are not returned
+        (None): one update-sized dict is alive at a time besides the new residual, instead
+        of four. The numbers are the same."""
+        if consume:
+            compensated = self._compensate_in_place(tensors) if compensate else tensors
+            for k, v in compensated.items():
+                if v.dtype != torch.float32:
+                    compensated[k] = v.to(torch.float32)
+        else:
+            compensated = self.compensate(tensors) if compensate else {k: v.to(torch.float32) for k, v in tensors.items()}
+        spec = spec_of(compensated)
         parts = chain.encode(compensated)
-        sent = chain.decode(parts, spec_of(compensated), "error feedback")
-        self.update(compensated, sent)
-        return parts, sent
+        if not consume:
+            sent = chain.decode(parts, spec, "error feedback")
+            self.update(compensated, sent)
+            return parts, sent
+        self.residual = {}  # already inside `compensated`
+        by_key: dict[str, dict[str, torch.Tensor]] = {}
+        for name, t in parts.items():
+            by_key.setdefault(name.rpartition(SEP)[0], {})[name] = t
+        for k in list(compensated):  # decoded one tensor at a time, as the receiver would
+            sent = chain.decode(by_key.get(k, {}), {k: spec[k]}, "error feedback")[k]
+            self.residual[k] = compensated.pop(k) - sent
+        return parts, None
+
+    def _compensate_in_place(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """x + residual, written into `tensors` where x is an fp32 tensor of the residual's shape."""
+        for k, r in self.residual.items():
+            v = tensors.get(k)
+            if v is None:
+                continue
+            if v.dtype == torch.float32 and v.shape == r.shape and not v.requires_grad:
+                v.add_(r)
+            else:
+                tensors[k] = v + r
+        return tensors
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.residual)

@@ -48,6 +48,11 @@ class FederatedClient:
         self.max_payload_bytes = max_payload_bytes
         self.spec = {n: TensorSpec(tuple(t.shape), torch.float32) for n, t in get_params(self.trainer.model, param_names).items()}
         self.on_step: StepCallback | None = None
+        # Called just before and just after local training: a runtime may put away what
+        # training does not need (the model this client holds, before) and what the update
+        # does not need (the optimizer's state, after), skyfed.runtime.replica.
+        self.before_training: Callable[[], None] | None = None
+        self.after_training: Callable[[], None] | None = None
         self.uplink = Uplink.from_config(compression)  # keeps the error-feedback residual
         self.downlink = DownlinkReceiver(get_params(self.trainer.model, param_names))  # the model it holds
         # secure aggregation: a skyfed.security.secagg.participant.SecAggParticipant, set by
@@ -75,6 +80,16 @@ class FederatedClient:
         self.downlink.load_state_dict(state["downlink"])
         if self.base is not None and state.get("base") is not None:
             self.base.load_state_dict(state["base"])
+
+    def drop_state(self) -> None:
+        """Let go of this client's state (optimizer moments, gradients, residual, held
+        model) once it is kept elsewhere; `load_state_dict` brings it back. The parameter
+        tensors stay: the next task overwrites them."""
+        self.trainer.optimizer.state.clear()
+        self.trainer.model.zero_grad(set_to_none=True)
+        if self.uplink.feedback is not None:
+            self.uplink.feedback.residual = {}
+        self.downlink.held = None
 
     @property
     def num_tokens(self) -> int:
@@ -114,6 +129,11 @@ class FederatedClient:
             set_params(self.trainer.model, params)
             return self._gradient_result(task, params, train_tokens, rng)
         set_params(self.trainer.model, self.uplink.start_point(params))  # global, or global - residual (residual_in_model)
+        held = self.downlink.held is params  # the receiver keeps the model: read it from there after training
+        if held:
+            params = None
+        if self.before_training is not None:
+            self.before_training()
         stats = self.trainer.train(
             train_tokens, task.steps, rng, prox_mu=float(task.options.get("prox_mu", 0.0)), on_step=callback
         )
@@ -121,8 +141,13 @@ class FederatedClient:
         if holdout is not None:
             cfg = self.trainer.cfg
             holdout_loss = evaluate(self.trainer.model, holdout, cfg.seq_len, cfg.batch_size, self.trainer.device).loss
-        end = get_params(self.trainer.model, self.param_names)
-        delta = {n: params[n] - end[n] for n in self.param_names}  # theta_global - theta_end
+        if self.after_training is not None:
+            self.after_training()
+        if held:
+            params = self.downlink.held
+        end = dict(self.trainer.model.named_parameters())  # read in place: no copy of the model
+        delta = {n: params[n] - end[n].detach().to("cpu", torch.float32) for n in self.param_names}  # theta_global - theta_end
+        del end
         meta = {}
         if self.privacy is not None:  # clip (+ noise share) before encoding; no loss leaves the client
             delta = self.privacy.privatize(delta)
@@ -132,7 +157,7 @@ class FederatedClient:
             payload = self.secagg.masked_payload(task, delta, stats.tokens)
         else:
             payload = self.uplink.encode(
-                delta, mix_seed(self.seed, task.round), from_start_point=True,
+                delta, mix_seed(self.seed, task.round), from_start_point=True, consume=True,
                 kind="update", round=task.round, client=self.name, base_version=task.version,
             )
         return ClientResult(

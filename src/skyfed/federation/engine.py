@@ -52,6 +52,7 @@ class Engine:
         self.core = ServerCore(
             model, param_names, strategy, cfg.compression, cfg.federation.max_update_bytes, tc.batch_size * tc.seq_len
         )
+        self.core.downlink.clients = {c.name for c in cfg.federation.clients}  # to know when none needs the initial model
         from skyfed.lora_server import lora_server
 
         self.core.lora = lora_server(cfg, model, self.core.spec, strategy)  # LoRA ranks per client, exact aggregation

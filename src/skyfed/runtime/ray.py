@@ -3,12 +3,14 @@
     runtime: ray
     ray: {actors: 4, address: null}       # null: a local Ray; "auto": join `ray start`'s cluster
 
-Each actor (`skyfed.runtime.ray_actor.ClientReplica`) holds one model replica and trains
+Each actor (`skyfed.runtime.replica.ClientReplica`) holds one model replica and trains
 the logical clients it is sent, one at a time, so memory follows `ray.actors`, not the
 number of clients. Between its rounds a client's state (optimizer moments, residual, the
 model it holds) waits in Ray's object store (an `ObjectRef` held here) or in a file under
-RUN_DIR/client_state/NAME.G.safetensors (`ray.client_state: disk`; G counts the client's
-tasks, so a checkpoint can name a file that later rounds do not overwrite). Each distinct model payload of a round
+RUN_DIR/clients/NAME.G.safetensors (`ray.client_state: disk`; G counts the client's
+tasks, so a checkpoint can name a file that later rounds do not overwrite; the files
+and their bookkeeping are the in-process simulation's, skyfed.runtime.client_state).
+Each distinct model payload of a round
 is put in the object store once and every task refers to it; each client's token shard is
 put once, at start.
 
@@ -33,11 +35,12 @@ import torch
 
 from skyfed.clouds import CloudNetwork, network_from_config
 from skyfed.config import ExperimentConfig
-from skyfed.errors import CheckpointError, ConfigError, SkyfedError
+from skyfed.errors import ConfigError, SkyfedError
 from skyfed.federation.engine import EventSink
 from skyfed.federation.messages import ClientResult, TrainTask
+from skyfed.runtime.client_state import ClientStateFiles
 from skyfed.runtime.inprocess import SimulatedTransport
-from skyfed.runtime.ray_actor import ClientReplica
+from skyfed.runtime.replica import ClientReplica
 from skyfed.runtime.setup import PreparedData
 
 log = logging.getLogger(__name__)
@@ -87,14 +90,10 @@ class RayTransport(SimulatedTransport):
         self.names = list(client_tokens)
         self.index = {n: i for i, n in enumerate(self.names)}
         self.on_step = on_step
-        self.on_disk = cfg.ray.client_state == "disk"
-        self.state_dir: Path | None = None  # RUN_DIR/client_state, set by `use_run_dir`
+        self.on_disk = cfg.ray.client_state == "disk"  # self.files: set by `use_run_dir`
         self._owns_ray = False
         self._actors: list[Any] = []
         self._states: dict[str, Any] = {}  # client -> ObjectRef of its state (object store) or None
-        self._files: dict[str, str] = {}  # client -> its state file (disk)
-        self._written: set[str] = set()  # state files written and not yet deleted (disk)
-        self._named_before: set[str] = set()  # state files the previous checkpoint names (disk)
         self._last: dict[str, Any] = {}  # client -> ObjectRef of its latest result (disk: orders its tasks)
         self._pending: deque[tuple[str, TrainTask, float, Any]] = deque()
         self._payloads: dict[int, tuple[bytes, Any]] = {}  # id(payload) -> (payload, ObjectRef)
@@ -119,8 +118,9 @@ class RayTransport(SimulatedTransport):
         return list(self.names)
 
     def use_run_dir(self, path: Path) -> None:
-        """Client state files go under `path`/client_state (`ray.client_state: disk`)."""
-        self.state_dir = Path(path) / "client_state"
+        """Client state files go under `path`/clients (`ray.client_state: disk`)."""
+        if self.on_disk:
+            self.files = ClientStateFiles(Path(path) / "clients")
 
     # ------------------------------------------------------------ sending and collecting
 
@@ -143,15 +143,13 @@ class RayTransport(SimulatedTransport):
         self._next_actor += 1
         light = TrainTask(task.round, task.version, b"", task.steps, task.options)
         if self.on_disk:
-            if self.state_dir is None:
+            if self.files is None:
                 raise SkyfedError("ray.client_state: disk needs the run directory (RayTransport.use_run_dir)")
-            old = self._files.get(client)
-            new = f"{client}.{_generation(old) + 1}.safetensors"  # a new file: the checkpoint may name the old one
-            self._files[client] = new
-            self._written.add(new)
+            old = self.files.current(client)
+            new = self.files.next(client)  # a new file: the checkpoint may name the old one
             done, _ = actor.handle.options(num_returns=2).remote(
-                client, self.index[client], self._tokens[client], None if old is None else str(self.state_dir / old),
-                light, self._payload_ref(task), str(self.state_dir / new), self._last.get(client),
+                client, self.index[client], self._tokens[client], None if old is None else str(old),
+                light, self._payload_ref(task), str(new), self._last.get(client),
             )
             self._last[client] = done
         else:
@@ -198,15 +196,7 @@ class RayTransport(SimulatedTransport):
         until neither this checkpoint nor the one before names them. A resumed run
         continues exactly."""
         state = super().state_dict()
-        if self.on_disk:
-            named = dict(self._files)
-            keep = set(named.values()) | self._named_before
-            for stale in self._written - keep:
-                (self.state_dir / stale).unlink(missing_ok=True)
-            self._written &= keep
-            self._named_before = set(named.values())
-            state["client_files"] = named
-        else:
+        if not self.on_disk:
             refs = {n: r for n, r in self._states.items() if r is not None}
             values = self._get(list(refs.values()), "fetching client state") if refs else []
             state["clients"] = dict(zip(refs, values))
@@ -214,16 +204,10 @@ class RayTransport(SimulatedTransport):
 
     def load_state_dict(self, state: dict) -> None:
         clients = state["clients"]
+        if self.on_disk and self.files is None:
+            raise SkyfedError("ray.client_state: disk needs the run directory before resuming")
         super().load_state_dict({**state, "clients": {}})
-        if self.on_disk:
-            if self.state_dir is None:
-                raise SkyfedError("ray.client_state: disk needs the run directory before resuming")
-            files = dict(state.get("client_files", {}))
-            missing = [f for f in files.values() if not (self.state_dir / f).is_file()]
-            if missing:
-                raise CheckpointError(f"--resume: client state file {self.state_dir / missing[0]} is missing")
-            self._files, self._written, self._named_before = files, set(files.values()), set(files.values())
-        else:
+        if not self.on_disk:
             ray = _ray()
             self._states = {name: ray.put(client_state) for name, client_state in clients.items()}
 
@@ -241,11 +225,6 @@ class RayTransport(SimulatedTransport):
                 self._owns_ray = False
 
 
-def _generation(name: str | None) -> int:
-    """How many tasks wrote the state file `NAME.G.safetensors` (G), 0 for none."""
-    return 0 if name is None else int(name.rsplit(".", 2)[1])
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[-1] if text else type(exc).__name__
@@ -253,7 +232,7 @@ def _first_line(exc: BaseException) -> str:
 
 def ray_transport(run_dir: Path | None = None) -> Callable[[ExperimentConfig, PreparedData, torch.device, EventSink], RayTransport]:
     """The transport factory `assemble` calls for `runtime: ray`; `run_dir` is where
-    `ray.client_state: disk` keeps the states (RUN_DIR/client_state)."""
+    `ray.client_state: disk` keeps the states (RUN_DIR/clients)."""
 
     def factory(cfg: ExperimentConfig, data: PreparedData, device: torch.device, emit: EventSink) -> RayTransport:
         if cfg.security.secure_aggregation:

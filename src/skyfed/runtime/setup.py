@@ -48,7 +48,7 @@ def apply_threads(cfg: ExperimentConfig) -> None:
     threads for this process (the simulation, `skyfed server`, `skyfed client`), or torch's
     default (one per physical core) when unset. A worker that trains beside others gets
     its own share instead: a Ray actor sets `max(1, ray.num_cpus_per_actor)` threads, 1 by
-    default (skyfed.runtime.ray_actor), so parallel clients do not oversubscribe the cores."""
+    default (skyfed.runtime.replica), so parallel clients do not oversubscribe the cores."""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
 
@@ -119,6 +119,11 @@ def make_evaluator(cfg: ExperimentConfig, valid_tokens: np.ndarray, device: torc
     return run_eval
 
 
+def client_seed(cfg: ExperimentConfig, index: int) -> int:
+    """The seed of the `index`-th client of the config (its batches and codec salts)."""
+    return cfg.seed * 1000 + index
+
+
 def make_client(
     cfg: ExperimentConfig, name: str, index: int, tokens: np.ndarray, tokenizer, device: torch.device
 ) -> FederatedClient:
@@ -128,7 +133,7 @@ def make_client(
     total_steps = cfg.federation.rounds * cfg.train.local_steps
     trainer = LocalTrainer(model, cfg.train, device, total_steps)
     client = FederatedClient(
-        name, tokens, trainer, federated_parameter_names(model), seed=cfg.seed * 1000 + index,
+        name, tokens, trainer, federated_parameter_names(model), seed=client_seed(cfg, index),
         max_payload_bytes=cfg.federation.max_update_bytes, compression=cfg.compression,
         privacy=client_privacy(cfg),  # skyfed.security hook: DP clipping, noise share, DP-SGD
     )
