@@ -39,12 +39,23 @@ def run_one(preset: str, sets: list[str], out: Path) -> dict:
     return {"params": params, "summary": summary, "wall_s": time.perf_counter() - started}
 
 
+def write_results(out: Path, results: dict) -> dict:
+    """Write `results` to `out`, its top-level `command` the commands of its runs (one per preset and overrides)."""
+    results["command"] = " && ".join(r["command"] for r in results["runs"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="default")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="config override KEY=VALUE (repeatable)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--index-only", action="store_true", help="rewrite --out's top-level command from its runs; run nothing")
     args = ap.parse_args(argv)
+    if args.index_only:
+        return write_results(args.out, json.loads(args.out.read_text()))
     torch.set_num_threads(1)
     base = ["threads=1", *args.sets]
     load_start = os.getloadavg()
@@ -72,8 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     results = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "secagg_parity", "runs": []}
     results["runs"] = [r for r in results["runs"] if (r["preset"], r["sets"]) != (args.preset, base)] + [entry]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
+    write_results(args.out, results)
     print(json.dumps({k: entry[k] for k in ("preset", "plain", "secure", "val_ppl_relative_diff", "max_abs_param_diff")}, indent=1))
     return entry
 
