@@ -26,14 +26,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from procfs import reset_peak, status_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _vm(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,8 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         while task.status != "task":
             task = eve.pull()
         pid = server.pid
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-        rss_before = _vm(pid, "VmRSS")
+        reset_peak(pid)
+        rss_before = status_bytes("VmRSS", pid)
         size = int(args.announce_gib * 2**30)
         head = pb.UpdateHeader(round=task.task.round, base_version=task.task.version, num_tokens=1000, payload_bytes=size)
         codes: list[str] = []
@@ -117,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             t.start()
         for t in threads:
             t.join(120)
-        hwm_after = _vm(pid, "VmHWM")
+        hwm_after = status_bytes("VmHWM", pid)
         params, _ = unpack(task.task.payload)
         real = len(encode_payload({n: torch.zeros_like(t) for n, t in params.items()}, kind="update",
                                   round=task.task.round, client="eve", base_version=task.task.version))

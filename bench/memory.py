@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from procfs import machine_memory_bytes, status_bytes
+
 OUT = Path("bench/results/memory.json")
 
 COMMON = [
@@ -59,21 +61,6 @@ CASES: dict[str, list[str]] = {
 }
 
 
-def peak_rss_bytes() -> int:
-    """This process' peak resident set (VmHWM), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def plain_step(overrides: list[str]) -> dict:
     """One AdamW step of the model on one batch, in plain PyTorch (the working set)."""
     import numpy as np
@@ -87,7 +74,7 @@ def plain_step(overrides: list[str]) -> dict:
     cfg = load_config(overrides=COMMON + overrides)
     apply_threads(cfg)
     data = prepare_data(cfg)
-    resting = rss_bytes()
+    resting = status_bytes("VmRSS")
     model = new_model(cfg, data.tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=cfg.train.betas)
     batch = sample_windows(data.client_tokens[cfg.federation.clients[0].name], cfg.train.batch_size, cfg.train.seq_len,
@@ -117,7 +104,7 @@ def simulation(overrides: list[str], workdir: Path) -> dict:
 def child(case: str, workdir: Path) -> None:
     overrides = CASES[case]
     out = plain_step(overrides) if case == "step" else simulation(overrides, workdir)
-    out["peak_rss_bytes"] = peak_rss_bytes()
+    out["peak_rss_bytes"] = status_bytes("VmHWM")
     print(json.dumps(out))
 
 
@@ -178,15 +165,8 @@ def goals(rows: dict[str, dict]) -> dict:
         out["sim10_within_1.1x_sim3"] = {"met": ratio <= 1.1, "ratio": ratio}
     if llama is not None:
         out["llama3_completes"] = {"met": ok(llama), "peak_bytes": llama.get("peak_rss_bytes"),
-                                   "machine_memory_bytes": _mem_total()}
+                                   "machine_memory_bytes": machine_memory_bytes()}
     return out
-
-
-def _mem_total() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def main() -> None:
@@ -210,7 +190,7 @@ def main() -> None:
     result = {
         "benchmark": "memory",
         "command": "python bench/memory.py " + " ".join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "memory_bytes": _mem_total()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "memory_bytes": machine_memory_bytes()},
         "load_average_before": list(load_before),
         "load_average_after": list(os.getloadavg()),
         "cases": rows,

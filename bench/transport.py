@@ -21,9 +21,12 @@ arrives). Baselines in the same server process: the same bytes over one plain TC
 into a preallocated buffer, and (TLS mode) over one TLS socket (Python's `ssl`, the same
 certificate and loopback) into a preallocated buffer: no framing, no checks.
 `throughput_ratio` is against the plain TCP copy in both modes (the key the checks
-read); `throughput_ratio_vs_tls_socket` compares TLS with TLS.
+read), best transfer against best transfer over `--repeats` of each (timeit's
+convention: the fastest run is the one least disturbed by the rest of the machine);
+`throughput_ratio_median` compares the medians; `throughput_ratio_vs_tls_socket`
+compares TLS with TLS.
 
-Memory: peak RSS (VmHWM, reset with /proc/self/clear_refs after the socket copies) of
+Memory: peak RSS (VmHWM, reset with /proc/self/clear_refs after each round's socket copies) of
 the server process while its 3 clients upload one after the other and the round is
 aggregated, above the RSS the server has before the first update arrives (imports and
 the global model included, the running sum not). A spilled update lives in the page
@@ -38,6 +41,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -45,29 +49,11 @@ import time
 from concurrent import futures
 from pathlib import Path
 
+from procfs import reset_peak, status_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = ["c0", "c1", "c2"]
 STEPS = 1000  # local steps of the bench's tasks: the token counts it claims stay within them
-
-
-def vm_hwm() -> int:
-    """Peak resident set size of this process, bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def vm_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_hwm() -> None:
-    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs)."""
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 # ---------------------------------------------------------------- server process
@@ -118,11 +104,14 @@ def serve(args: argparse.Namespace) -> None:
         transport.spill_min_bytes, transport.spill_dir = cfg.federation.spill_min_bytes, cfg.federation.spill_dir
     ports = {"grpc": port, "tcp": tcp.getsockname()[1], "tls": tls.getsockname()[1] if tls is not None else None}
     Path(args.port_file).write_text(json.dumps(ports))
-    while len(copies) < args.rounds * (1 if tls is None else 2):  # the socket copies run first, outside the measurement
-        time.sleep(0.05)
-    reset_hwm()
-    base = vm_rss()
+    per_round = 1 if tls is None else 2
+    base = peak = None
     for round in range(args.rounds):
+        while len(copies) < (round + 1) * per_round:  # the round's socket copies run first, outside the measurement
+            time.sleep(0.05)
+        reset_peak()
+        if base is None:
+            base = status_bytes("VmRSS")
         tasks = {c: TrainTask(round, engine.version, b"", STEPS) for c in CLIENTS}
         for c, task in tasks.items():
             transport.send(c, task)
@@ -130,7 +119,8 @@ def serve(args: argparse.Namespace) -> None:
         waiting = engine.loop.collect(w, tasks)
         assert w.aggregated and not w.rejected and not waiting, (w.rejected, waiting)
         results = [{"client": c, "bytes": w.bytes_up[c], "weight": w.extra["weights"][c]} for c in w.accepted]
-    peak = vm_hwm()
+        peak = max(peak or 0, status_bytes("VmHWM"))
+        Path(f"{args.port_file}.round{round}").touch()  # the client's next socket copies may start
     print(json.dumps({"baseline_rss": base, "peak_hwm": peak, "peak_delta": peak - base, "folds": results,
                       "streamed": engine.stream_aggregate, "spill_min_bytes": transport.spill_min_bytes,
                       "global_mean": float(engine.params["w"].mean())}), flush=True)
@@ -192,7 +182,9 @@ def start_server(args: argparse.Namespace, certs: str | None, rounds: int, tmp: 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
     for _ in range(1200):
         if port_file.exists() and port_file.stat().st_size:
-            return proc, json.loads(port_file.read_text())
+            ports = json.loads(port_file.read_text())
+            ports["round_done"] = str(port_file) + ".round{}"  # the server touches it when a round is measured
+            return proc, ports
         if proc.poll() is not None:
             raise SystemExit("bench server failed to start")
         time.sleep(0.1)
@@ -258,7 +250,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--params", type=int, default=100_000_000)
     p.add_argument("--chunk-mib", type=float, help="stream chunk size (default: skyfed server's)")
-    p.add_argument("--repeats", type=int, default=2, help="transfers per path; the best is reported")
+    p.add_argument("--repeats", type=int, default=10, help="transfers per path; the best is reported, the median too")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "transport.json"))
     p.add_argument("--modes", default="insecure,tls,int8", help="which of insecure, tls, int8 to run")
     p.add_argument("--buffered", action="store_true", help="aggregate the round's list of updates instead of folding (for comparison)")
@@ -309,10 +301,13 @@ def main() -> None:
             sessions = [session(args, c, ports["grpc"], certs) for c in CLIENTS]
             grpc_s, tcp_s, tls_s = [], [], []
             for r in range(rounds):
+                # the baselines run just before each gRPC round, so all paths see the same machine,
+                # once the server has aggregated and measured the round before (outside the timing)
+                while r and not Path(ports["round_done"].format(r - 1)).exists():
+                    time.sleep(0.01)
                 tcp_s.append(socket_copy(ports["tcp"], payload, None))
                 if certs is not None:
                     tls_s.append(socket_copy(ports["tls"], payload, tmp / "certs" / "ca.pem"))
-            for r in range(rounds):
                 for i, s in enumerate(sessions):
                     while (task := s.pull()).status != "task" or task.task.round != r:
                         pass  # the round's task opens the round for this client (untimed)
@@ -327,6 +322,7 @@ def main() -> None:
                 "grpc_s": grpc_s, "tcp_s": tcp_s,
                 "grpc_MBps": size / best_grpc / 1e6, "tcp_MBps": size / best_tcp / 1e6,
                 "throughput_ratio": best_tcp / best_grpc,
+                "throughput_ratio_median": statistics.median(tcp_s) / statistics.median(grpc_s),
                 "server_peak_delta_bytes": mem["peak_delta"],
                 "server_peak_delta_x_model": mem["peak_delta"] / (4 * args.params),
                 "server_baseline_rss_bytes": mem["baseline_rss"],
@@ -340,7 +336,7 @@ def main() -> None:
                 s.close()
             vs_tls = f", TLS socket {row['tls_socket_MBps']:.0f} MB/s, ratio vs TLS socket {row['throughput_ratio_vs_tls_socket']:.2f}" if tls_s else ""
             print(f"{mode:>8}: gRPC {row['grpc_MBps']:.0f} MB/s, TCP {row['tcp_MBps']:.0f} MB/s, "
-                  f"ratio {row['throughput_ratio']:.2f}{vs_tls}; server peak +{mem['peak_delta'] / 1e9:.2f} GB "
+                  f"ratio {row['throughput_ratio']:.2f} (median {row['throughput_ratio_median']:.2f}){vs_tls}; server peak +{mem['peak_delta'] / 1e9:.2f} GB "
                   f"({row['server_peak_delta_x_model']:.2f}x model) receiving+aggregating 3 updates", flush=True)
     out["loadavg_end"] = list(os.getloadavg())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
