@@ -160,6 +160,22 @@ def test_state_files_generations_and_resume(tmp_path):
     assert "b.3.safetensors is missing" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_state_files_are_flushed_once_per_checkpoint_not_per_file(tmp_path, monkeypatch):
+    import skyfed.runtime.client_state as client_state
+
+    fsyncs, syncs = [], []
+    monkeypatch.setattr(client_state.os, "fsync", lambda fd: fsyncs.append(fd))
+    monkeypatch.setattr(client_state, "sync_filesystem", lambda folder: syncs.append(folder))
+    files = ClientStateFiles(tmp_path)
+    for n in ("a", "b", "c"):
+        path = files.next(n)
+        save_state({"m": torch.ones(3)}, part_path(path, "trainer"))
+        save_state({"n": n, "trainer": External(part_path(path, "trainer").name)}, path)
+    assert fsyncs == [] and syncs == []  # six files written, none flushed one by one
+    files.state_dict()
+    assert syncs == [tmp_path]  # the checkpoint flushes them all, in one call
+
+
 @pytest.mark.parametrize("specs", [["int8"], [{"name": "topk", "fraction": 0.1}, "int8"], [{"name": "lowrank", "rank": 2}], ["fp16"]])
 def test_feedback_that_consumes_its_input_sends_the_same(specs):
     chain, plain, eager = Chain.from_specs(specs), ErrorFeedback(), ErrorFeedback()

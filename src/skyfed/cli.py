@@ -54,11 +54,12 @@ def partition(
 ) -> None:
     """Split the corpus across the clients; write the shards, partition.json and partition.png."""
     from skyfed.config import load_config
-    from skyfed.partition_report import partition_table
+
+    cfg = load_config(config, preset, set_)
+    from skyfed.partition_report import partition_table  # the runtime (torch) once the config is valid
     from skyfed.runtime.partitioning import write_partition
     from skyfed.runtime.setup import prepare_data
 
-    cfg = load_config(config, preset, set_)
     data = prepare_data(cfg)
     if data.partition is None:
         fail("every client has its own data (federation.clients[].data): there is nothing to partition")
@@ -77,9 +78,11 @@ def calibrate(
 ) -> None:
     """Time real local steps of the experiment's model here; print clouds.reference_tokens_per_s."""
     from skyfed.config import load_config
-    from skyfed.runtime.calibrate import measure_tokens_per_s
 
-    m = measure_tokens_per_s(load_config(config, preset, set_), steps)
+    cfg = load_config(config, preset, set_)
+    from skyfed.runtime.calibrate import measure_tokens_per_s  # the runtime (torch) once the config is valid
+
+    m = measure_tokens_per_s(cfg, steps)
     console.print(f"{m['tokens_per_s']:.0f} tokens/s over {m['steps']} steps on {m['device']} ({m['seconds']:.2f} s)")
     console.print(f"use it as the speed-1.0 reference: --set clouds.reference_tokens_per_s={m['tokens_per_s']:.0f}")
 

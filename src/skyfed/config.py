@@ -236,10 +236,10 @@ class CompressionConfig(Section):
     @field_validator("uplink", "downlink", mode="after")
     @classmethod
     def _valid_chain(cls, specs: list[Any]) -> list[dict[str, Any]]:
-        from skyfed.compression.chain import Chain
+        from skyfed.compression.codecs import build_chain_codecs  # torch-free: checking a config loads no torch
 
         try:
-            return Chain.from_specs(specs).specs()
+            return [c.spec() for c in build_chain_codecs(specs)]
         except SkyfedError as exc:
             raise ValueError(str(exc)) from None
 

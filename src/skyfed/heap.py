@@ -12,23 +12,10 @@ after its fold), not per chunk.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import logging
 
-log = logging.getLogger(__name__)
+from skyfed.libc import libc_function
 
-
-def _libc_trim():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
-
-
-_TRIM = _libc_trim()
+_TRIM = libc_function("malloc_trim", [ctypes.c_size_t])
 
 
 def release_free_memory() -> None:

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
 
 from skyfed.errors import ConfigError
+from skyfed.model_dir import resolve_model_dir
 
 
 def _gpt2(n_layer: int, n_embd: int, n_head: int, n_positions: int) -> dict[str, Any]:
@@ -63,27 +64,6 @@ def model_config(preset: str, overrides: dict[str, Any], vocab_size: int, eos_id
         return cls(**fields)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model.overrides: {exc}") from None
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """The folder holding a pretrained model's config.json: `path` itself (symlinks resolved),
-    or, for a Hugging Face hub-cache folder ``models--org--name``, its snapshot named by
-    ``refs/main`` (else its only snapshot)."""
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise ConfigError(f"model.path: model directory not found: {path}")
-    snapshots = p / "snapshots"
-    if not (p / "config.json").exists() and snapshots.is_dir():
-        ref = p / "refs" / "main"
-        found = sorted(d for d in snapshots.iterdir() if d.is_dir())
-        chosen = snapshots / ref.read_text().strip() if ref.is_file() else (found[0] if len(found) == 1 else None)
-        if chosen is None or not chosen.is_dir():
-            names = ", ".join(d.name for d in found) or "none"
-            raise ConfigError(f"model.path: {path} is a hub cache folder; name one of its snapshots ({names})")
-        p = chosen
-    if not (p / "config.json").is_file():
-        raise ConfigError(f"model.path: {path} is not a Hugging Face model directory (no config.json)")
-    return p.resolve()
 
 
 def embedding_rows(model_dir: str | Path) -> int:

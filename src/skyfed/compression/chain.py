@@ -12,33 +12,21 @@ from typing import Any
 
 import torch
 
-from skyfed.compression.codecs import Codec, CodecError, build_codec
+from skyfed.compression.codecs import Codec, build_chain_codecs, check_chain_order
 from skyfed.compression.wire import TensorSpec, all_finite
 from skyfed.errors import WireFormatError
 
 SEP = "::"
-MAX_CHAIN = 8  # codecs in one chain (a header cannot make the decoder loop for long)
 
 
 class Chain:
     def __init__(self, codecs: list[Codec]):
-        for c in codecs[1:]:
-            if c.needs_shape:
-                raise CodecError(f"codec {c.name!r} must be the first of a chain (it needs the tensor's shape)")
-        for c in codecs[:-1]:
-            if c.carry is None:
-                raise CodecError(f"codec {c.name!r} must be the last of a chain (it leaves nothing for {codecs[-1].name!r} to encode)")
+        check_chain_order(codecs)
         self.codecs = list(codecs)
 
     @classmethod
     def from_specs(cls, specs: list[Any] | None) -> "Chain":
-        if specs is None:
-            return cls([])
-        if not isinstance(specs, list):
-            raise CodecError(f"a codec chain is a list, got {str(specs)[:80]!r}")
-        if len(specs) > MAX_CHAIN:
-            raise CodecError(f"a codec chain has at most {MAX_CHAIN} codecs, got {len(specs)}")
-        return cls([build_codec(s) for s in specs])
+        return cls(build_chain_codecs(specs))
 
     def __bool__(self) -> bool:
         return bool(self.codecs)

@@ -48,19 +48,20 @@ import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from skyfed.compression.indices import index_bytes, pack_indices, unpack_indices
 from skyfed.errors import WireFormatError
+
+if TYPE_CHECKING:  # torch is imported where a codec computes, so validating a config's chains does not load it
+    import torch
 
 
 class CodecError(WireFormatError):
     """A codec name or its parameters are invalid."""
 
 
-Parts = dict[str, torch.Tensor]
+Parts = dict[str, "torch.Tensor"]
 _SLAB = 1 << 20  # values per slab in the quantizers' loops over blocks (not elements)
 
 
@@ -177,15 +178,23 @@ class Fp32(Codec):
     name: ClassVar[str] = "fp32"
     lossless: ClassVar[bool] = True
     part_names: ClassVar[tuple[str, ...]] = ("v",)
-    dtype: ClassVar[torch.dtype] = torch.float32
+    dtype_name: ClassVar[str] = "float32"  # the torch dtype sent, by name (torch is imported late)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.dtype_name)
 
     def nbytes(self, n: int) -> int:
+        import torch
         return n * torch.empty(0, dtype=self.dtype).element_size()
 
     def carry_numel(self, n: int) -> int:
         return 0
 
     def encode(self, x: torch.Tensor, key: str, hint: Any = None) -> Parts:
+        import torch
         if self.dtype == torch.float16:
             x = x.clamp(-65504.0, 65504.0)  # avoid inf; the residual keeps the rest
         return {"v": x.to(self.dtype)}
@@ -195,6 +204,7 @@ class Fp32(Codec):
         return 0
 
     def decode(self, parts: Parts, n: int, key: str, where: str) -> torch.Tensor:
+        import torch
         return parts["v"].to(torch.float32)
 
     def slab_parts(self, n: int) -> dict[str, tuple[torch.dtype, int, int]] | None:
@@ -207,7 +217,7 @@ class Fp16(Fp32):
 
     name: ClassVar[str] = "fp16"
     lossless: ClassVar[bool] = False
-    dtype: ClassVar[torch.dtype] = torch.float16
+    dtype_name: ClassVar[str] = "float16"
 
 
 @dataclass(frozen=True)
@@ -216,7 +226,7 @@ class Bf16(Fp32):
 
     name: ClassVar[str] = "bf16"
     lossless: ClassVar[bool] = False
-    dtype: ClassVar[torch.dtype] = torch.bfloat16
+    dtype_name: ClassVar[str] = "bfloat16"
 
 
 # ---------------------------------------------------------------- quantization
@@ -230,7 +240,7 @@ class Int8(Codec):
     part_names: ClassVar[tuple[str, ...]] = ("q", "scale")
     levels: ClassVar[int] = 127
     values_per_byte: ClassVar[int] = 1
-    q_dtype: ClassVar[torch.dtype] = torch.int8
+    q_dtype_name: ClassVar[str] = "int8"  # the torch dtype of q, by name
     block: int = 256
     stochastic: bool = False
     seed: int = 0
@@ -240,6 +250,12 @@ class Int8(Codec):
         if not isinstance(self.stochastic, bool):
             raise CodecError(f"{self.name}.stochastic must be true or false, got {_short(self.stochastic)}")
         _check_int(self.seed, f"{self.name}.seed", 0, 2**63 - 1)
+
+    @property
+    def q_dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.q_dtype_name)
 
     def carry_numel(self, n: int) -> int:
         return 0
@@ -252,6 +268,7 @@ class Int8(Codec):
 
     def _quantize(self, x: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks are processed in slabs of about 2^20 values (cache-sized, reused buffer)."""
+        import torch
         n, B, L = x.numel(), self.block, self.levels
         x = x.to(torch.float32)
         nb = math.ceil(n / B)
@@ -287,11 +304,13 @@ class Int8(Codec):
         return {"q": q, "scale": scale}
 
     def _check_scale(self, parts: Parts, n: int, where: str) -> None:
+        import torch
         scale = _expect(parts, "scale", torch.float32, (math.ceil(n / self.block),), where)
         if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
             raise WireFormatError(f"{where}: {self.name} scales must be finite and non-negative")
 
     def check(self, parts: Parts, n: int, where: str) -> int:
+        import torch
         q = _expect(parts, "q", torch.int8, (n,), where)
         self._check_scale(parts, n, where)
         if n and int(q.min()) < -self.levels:
@@ -299,6 +318,7 @@ class Int8(Codec):
         return 0
 
     def _dequantize(self, q: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
+        import torch
         B = self.block
         out = torch.empty(n, dtype=torch.float32, device=q.device)
         step = max(1, _SLAB // B) * B
@@ -317,6 +337,7 @@ class Int8(Codec):
         return self._dequantize(parts["q"], parts["scale"], n)
 
     def slab_parts(self, n: int) -> dict[str, tuple[torch.dtype, int, int]] | None:
+        import torch
         per = self.values_per_byte
         return {"q": (self.q_dtype, math.ceil(n / per), per), "scale": (torch.float32, math.ceil(n / self.block), self.block)}
 
@@ -336,13 +357,14 @@ class Int4(Int8):
     name: ClassVar[str] = "int4"
     levels: ClassVar[int] = 7
     values_per_byte: ClassVar[int] = 2
-    q_dtype: ClassVar[torch.dtype] = torch.uint8
+    q_dtype_name: ClassVar[str] = "uint8"
     block: int = 128
 
     def qbytes(self, n: int) -> int:
         return math.ceil(n / 2)
 
     def encode(self, x: torch.Tensor, key: str, hint: Any = None) -> Parts:
+        import torch
         q, scale = self._quantize(x.reshape(-1), key)
         u = (q + 8).to(torch.uint8)
         if u.numel() % 2:
@@ -352,6 +374,7 @@ class Int4(Int8):
         return {"q": packed, "scale": scale}
 
     def check(self, parts: Parts, n: int, where: str) -> int:
+        import torch
         packed = _expect(parts, "q", torch.uint8, (math.ceil(n / 2),), where)
         self._check_scale(parts, n, where)
         if packed.numel() and (bool(((packed & 15) == 0).any()) or bool(((packed >> 4) == 0).any())):
@@ -359,6 +382,7 @@ class Int4(Int8):
         return 0
 
     def decode(self, parts: Parts, n: int, key: str, where: str) -> torch.Tensor:
+        import torch
         packed = parts["q"]
         u = torch.stack([packed & 15, packed >> 4], dim=1).view(-1)[:n]
         q = u.to(torch.int8) - 8
@@ -389,6 +413,7 @@ class Sign(Codec):
         return math.ceil(n / 8) + 4 * math.ceil(n / self.block)
 
     def encode(self, x: torch.Tensor, key: str, hint: Any = None) -> Parts:
+        import torch
         x = x.reshape(-1).to(torch.float32)
         n, B = x.numel(), self.block
         full = n // B * B
@@ -403,6 +428,7 @@ class Sign(Codec):
         return {"bits": packed, "scale": scale}
 
     def check(self, parts: Parts, n: int, where: str) -> int:
+        import torch
         _expect(parts, "bits", torch.uint8, (math.ceil(n / 8),), where)
         scale = _expect(parts, "scale", torch.float32, (math.ceil(n / self.block),), where)
         if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
@@ -410,6 +436,7 @@ class Sign(Codec):
         return 0
 
     def decode(self, parts: Parts, n: int, key: str, where: str) -> torch.Tensor:
+        import torch
         packed, scale = parts["bits"], parts["scale"]
         shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
         bits = ((packed[:, None] >> shifts) & 1).view(-1)[:n]
@@ -431,6 +458,7 @@ def low_rank_factors(m: torch.Tensor, rank: int, niter: int, exact_max: int, gen
     Exact SVD for matrices up to `exact_max` values; above, the randomized range finder
     with `niter` power iterations of Halko, Martinsson and Tropp (2011), seeded by `gen`.
     """
+    import torch
     if m.numel() <= exact_max:
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
     else:
@@ -513,6 +541,7 @@ class LowRank(Codec):
         return 0
 
     def encode(self, x: torch.Tensor, key: str, hint: Any = None) -> Parts:
+        import torch
         x = x.reshape(-1).to(torch.float32)
         mat = self._matrix(x.numel())
         if mat is None:
@@ -544,6 +573,7 @@ def topk_indices(ax: torch.Tensor, k: int, exact_max: int, gen: torch.Generator 
     candidate set that holds the top k with overwhelming probability; an exact top-k
     among the candidates finishes (a full top-k if the candidates fall short).
     """
+    import torch
     n = ax.numel()
     if n <= exact_max or k * 4 >= n:
         idx = torch.topk(ax, k, sorted=False).indices
@@ -586,11 +616,13 @@ class TopK(Codec):
         return index_bytes(self.carry_numel(n), n)
 
     def _gen(self, device: torch.device, key: str) -> torch.Generator:
+        import torch
         gen = torch.Generator(device=device)
         gen.manual_seed(key_seed(self.seed, key))
         return gen
 
     def prepare(self, flats: dict[str, torch.Tensor]) -> dict[str, Any]:
+        import torch
         if self.scope != "global" or not flats:
             return {}
         cat = torch.cat([x.reshape(-1).abs() for x in flats.values()])
@@ -605,6 +637,7 @@ class TopK(Codec):
         return out
 
     def encode(self, x: torch.Tensor, key: str, hint: Any = None) -> Parts:
+        import torch
         x = x.reshape(-1)
         n = x.numel()
         idx = hint if hint is not None else topk_indices(x.abs(), keep_count(self.fraction, n), self.exact_max, self._gen(x.device, key))
@@ -622,6 +655,7 @@ class TopK(Codec):
         return k
 
     def decode(self, parts: Parts, n: int, key: str, where: str) -> torch.Tensor:
+        import torch
         idx = unpack_indices(parts["idx"], parts["count"], n, where)
         out = torch.zeros(n, dtype=torch.float32, device=idx.device)
         out[idx] = parts["values"].to(torch.float32)
@@ -630,6 +664,7 @@ class TopK(Codec):
 
 def randk_indices(n: int, k: int, seed: int, device: torch.device) -> torch.Tensor:
     """k sorted indices, one uniform in each stratum [floor(i n / k), floor((i+1) n / k))."""
+    import torch
     gen = torch.Generator().manual_seed(seed)
     bounds = torch.arange(k + 1, dtype=torch.int64) * n // k
     width = bounds[1:] - bounds[:-1]
@@ -657,11 +692,13 @@ class RandK(Codec):
         return 0
 
     def encode(self, x: torch.Tensor, key: str, hint: Any = None) -> Parts:
+        import torch
         x = x.reshape(-1)
         idx = randk_indices(x.numel(), self.carry_numel(x.numel()), key_seed(self.seed, key), x.device)
         return {"values": x[idx].to(torch.float32)}
 
     def decode(self, parts: Parts, n: int, key: str, where: str) -> torch.Tensor:
+        import torch
         values = parts["values"]
         idx = randk_indices(n, self.carry_numel(n), key_seed(self.seed, key), values.device)
         out = torch.zeros(n, dtype=torch.float32, device=values.device)
@@ -690,3 +727,31 @@ def build_codec(spec: str | dict[str, Any]) -> Codec:
     if "fraction" in params and isinstance(params["fraction"], int) and not isinstance(params["fraction"], bool):
         params["fraction"] = float(params["fraction"])
     return cls(**params)
+
+
+MAX_CHAIN = 8  # codecs in one chain (a header cannot make the decoder loop for long)
+
+
+def check_chain_order(codecs: list[Codec]) -> None:
+    """CodecError unless only a chain's first codec needs shapes and every codec but the
+    last leaves a carry for the next."""
+    for c in codecs[1:]:
+        if c.needs_shape:
+            raise CodecError(f"codec {c.name!r} must be the first of a chain (it needs the tensor's shape)")
+    for c in codecs[:-1]:
+        if c.carry is None:
+            raise CodecError(f"codec {c.name!r} must be the last of a chain (it leaves nothing for {codecs[-1].name!r} to encode)")
+
+
+def build_chain_codecs(specs: list[Any] | None) -> list[Codec]:
+    """The codecs of a chain written as a list of specs (None: no codec); CodecError if
+    invalid. Needs no torch, so a config's chains are checked without loading it."""
+    if specs is None:
+        return []
+    if not isinstance(specs, list):
+        raise CodecError(f"a codec chain is a list, got {str(specs)[:80]!r}")
+    if len(specs) > MAX_CHAIN:
+        raise CodecError(f"a codec chain has at most {MAX_CHAIN} codecs, got {len(specs)}")
+    codecs = [build_codec(s) for s in specs]
+    check_chain_order(codecs)
+    return codecs

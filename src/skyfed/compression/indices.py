@@ -16,10 +16,12 @@ is below ``n`` before any index is used.
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from skyfed.errors import WireFormatError
+
+if TYPE_CHECKING:  # imported where indices are packed, so validating a codec chain does not load torch
+    import torch
 
 CHUNK_BITS = 16
 CHUNK = 1 << CHUNK_BITS
@@ -36,6 +38,7 @@ def index_bytes(k: int, n: int) -> int:
 
 def pack_indices(idx: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted unique int64 indices in [0, n) -> (low int16 [k], counts int32 [chunks])."""
+    import torch
     low = torch.bitwise_and(idx, CHUNK - 1)
     low = (low - ((low >> 15) << 16)).to(torch.int16)  # uint16 bits stored as int16
     counts = torch.bincount(idx >> CHUNK_BITS, minlength=num_chunks(n)).to(torch.int32)
@@ -44,6 +47,7 @@ def pack_indices(idx: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def unpack_indices(low: torch.Tensor, counts: torch.Tensor, n: int, where: str) -> torch.Tensor:
     """Inverse of `pack_indices`, validating everything; returns int64 indices."""
+    import torch
     chunks = num_chunks(n)
     if counts.dtype != torch.int32 or tuple(counts.shape) != (chunks,):
         raise WireFormatError(f"{where}: index counts must be int32 of shape ({chunks},), got {counts.dtype} {tuple(counts.shape)}")

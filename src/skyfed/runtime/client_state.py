@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from skyfed.errors import CheckpointError
+from skyfed.libc import sync_filesystem
 
 _META_KEY = "skyfed.state"
 _GENERATION = re.compile(r"^(?P<client>.+)\.(?P<gen>\d+)\.safetensors$")
@@ -110,18 +111,16 @@ def _unflatten(node: Any, tensors: dict[str, torch.Tensor], folder: Path) -> Any
 
 def save_state(state: Any, path: str | Path) -> None:
     """Write a client's state (or a part of one) as one safetensors file, atomically (temp
-    file, fsync, rename). An `External` value stands for a part already written apart."""
+    file, rename: a reader, or a run resumed after the process was killed, sees the whole
+    file or none). It is not flushed to disk here: `ClientStateFiles.state_dict` flushes
+    every file a checkpoint names, in one call, before the checkpoint names it. An
+    `External` value stands for a part already written apart."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = json.dumps(_flatten(state, tensors, {}, set()))
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata={_META_KEY: skeleton})
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
     os.replace(tmp, path)
 
 
@@ -170,9 +169,12 @@ class ClientStateFiles:
         return self.root / name
 
     def state_dict(self) -> dict[str, str]:
-        """The files this checkpoint names (client -> file name); files that neither it nor
-        the previous checkpoint names are deleted."""
+        """The files this checkpoint names (client -> file name), flushed to disk (one
+        `syncfs` for all of them: a state file is not flushed when written); files that
+        neither it nor the previous checkpoint names are deleted."""
         named = dict(self._files)
+        if named and self.root.is_dir():
+            sync_filesystem(self.root)
         keep = set(named.values()) | self._named_before
         for stale in self._written - keep:
             self._delete(stale)

@@ -14,13 +14,8 @@ from pathlib import Path
 from skyfed.config import ExperimentConfig
 from skyfed.data.tokenizer import get_tokenizer, load_tokenizer
 from skyfed.errors import ConfigError
-from skyfed.model import embedding_rows, resolve_model_dir
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
-def has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+from skyfed.model import embedding_rows
+from skyfed.model_dir import has_tokenizer, no_tokenizer_error, resolve_model_dir
 
 
 def check_tokenizer_fits(tokenizer, model_dir: Path, own=None) -> None:
@@ -49,10 +44,7 @@ def experiment_tokenizer(cfg: ExperimentConfig, train_docs: list[str], cache: Pa
     model_dir = resolve_model_dir(cfg.model.path)
     own = load_tokenizer(model_dir) if has_tokenizer(model_dir) else None
     if tc.path is None and own is None:
-        raise ConfigError(
-            f"model.path: {model_dir} has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
-            "set tokenizer.path to the tokenizer the model was trained with"
-        )
+        raise no_tokenizer_error(model_dir)
     tokenizer, key = get_tokenizer([], 0, 1, cache, str(tc.path or model_dir))
     check_tokenizer_fits(tokenizer, model_dir, own if tc.path is not None else None)
     return tokenizer, key

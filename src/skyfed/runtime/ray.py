@@ -19,7 +19,7 @@ moved to the actors: `send` submits without waiting; before a `receive` the resu
 collected and scheduled in send order, each from the simulated clock at its send, by the
 same `_schedule`. A client's computation depends only on its state, its shard, its seed
 and its task, never on which actor runs it, so with one torch thread per actor a run is
-bit-identical to the in-process simulation (tests/test_ray.py).
+bit-identical to the in-process simulation (tests/test_ray_equals_inprocess_*.py).
 """
 
 from __future__ import annotations

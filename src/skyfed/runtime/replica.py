@@ -14,7 +14,7 @@ to a file, two parts of it are written earlier, each beside the state's file, an
 back only when needed: the model the client holds for delta downlinks just before
 local training (training does not need it; the update is computed afterwards from the
 file), and the optimizer's moments just after (the update does not need them, and their
-memory goes back to the system at once, `skyfed.heap.release_free_memory`). So the held model is not in memory while training's gradients and
+memory goes back to the system at once when they are large, `skyfed.heap.release_free_memory`). So the held model is not in memory while training's gradients and
 activations are, nor the moments while the update's buffers are.
 
 Users: each Ray actor of `runtime: ray` (skyfed.runtime.ray wraps this class in
@@ -42,6 +42,9 @@ from skyfed.runtime.client_state import ClientStateFiles, External, load_state, 
 from skyfed.runtime.setup import client_seed, device_for, make_client
 
 Step = tuple[str, int, int, float]  # client, step, steps, loss (FederatedClient.on_step)
+# Freed optimizer moments at least this large go back to the system at once; below it,
+# returning them costs more time (malloc_trim walks the heap, ~4 ms) than the memory is worth.
+TRIM_MIN_BYTES = 64 * 2**20
 
 
 class ClientReplica:
@@ -104,8 +107,11 @@ class ClientReplica:
         client = self.client
         if part == "trainer":
             save_state(client.trainer.state_dict(), path)
-            client.trainer.optimizer.state.clear()
-            release_free_memory()  # two model-sized buffers, which the update's would not reuse
+            moments = client.trainer.optimizer.state
+            freed = sum(t.nbytes for s in moments.values() for t in s.values() if isinstance(t, torch.Tensor))
+            moments.clear()
+            if freed >= TRIM_MIN_BYTES:  # two model-sized buffers, which the update's would not reuse
+                release_free_memory()
         else:
             save_state(client.downlink.state_dict(), path)
             client.downlink.load_state_dict(load_state(path))

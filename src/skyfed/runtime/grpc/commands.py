@@ -45,13 +45,14 @@ def add_commands(app: typer.Typer) -> None:
         """Run the aggregation server of a real deployment (gRPC)."""
         from skyfed.config import load_config, refuse_attack
         from skyfed.runtime.grpc.auth import check_token_choice
-        from skyfed.runtime.grpc.limits import CallBounds
-        from skyfed.runtime.grpc.server import ServerOptions, run_server
 
         check_token_choice(tokens, open_)  # no tokens and no --open: one line and exit 2, before anything else
         _verbose()
         cfg = load_config(config, preset, set_)
         refuse_attack(cfg, "skyfed server")  # attacks are for simulation only
+        from skyfed.runtime.grpc.limits import CallBounds  # the runtime (torch, grpc) once the config is valid
+        from skyfed.runtime.grpc.server import ServerOptions, run_server
+
         bounds = CallBounds(max_calls_per_client, max_calls_per_peer, stream_timeout, idle_timeout, session_ttl)
         opts = ServerOptions(listen, tls_cert, tls_key, client_ca, tokens, insecure, out, resume, join_timeout, int(chunk_mib * 2**20),
                              metrics_port=metrics_port, metrics_bind=metrics_bind, metrics_linger_s=metrics_linger,
