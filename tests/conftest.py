@@ -136,3 +136,26 @@ def pytest_collection_modifyitems(config, items):
         funcs = [getattr(item, "function", None)] + [defs[-1].func for defs in fixtures.values() if defs]
         if any(f is not None and _spawns(f, seen) for f in funcs):
             item.add_marker(pytest.mark.processes)
+    _longest_modules_first(items)
+
+
+def _longest_modules_first(items) -> None:
+    """Order the modules longest first, each module's tests in their own order: pytest-xdist
+    (`--dist loadfile`) hands out modules in this order, so the long ones do not start
+    last and run alone at the end. A module's length is its seconds in
+    tests/module_seconds.json (from a full run: tests/module_seconds.py), else an estimate
+    of 10 s for each test that starts processes."""
+    import json
+
+    known = json.loads((ROOT / "tests" / "module_seconds.json").read_text())
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.path.name, []).append(item)
+
+    def seconds(name: str) -> float:
+        if name in known:
+            return known[name]
+        return 10.0 * sum(1 for item in modules[name] if item.get_closest_marker("processes"))
+
+    order = sorted(modules, key=lambda name: -seconds(name))  # stable: ties keep collection order
+    items[:] = [item for name in order for item in modules[name]]
