@@ -52,9 +52,16 @@ def test_disk_equals_memory_bit_for_bit(tmp_path):
     assert not (tmp_path / "memory" / "clients").exists()
 
 
-def test_state_files_in_the_run_dir_and_one_replica(tmp_path):
+@pytest.mark.parametrize("apart", [True, False], ids=["parts_apart", "one_file"])
+def test_state_files_in_the_run_dir_and_one_replica(tmp_path, monkeypatch, apart):
+    import skyfed.runtime.replica as replica_mod
     from skyfed.runtime.assemble import assemble
     from skyfed.runtime.simulation import simulated_transports
+
+    # the smoke model is small: its state is one file unless the threshold says it is large
+    assert replica_mod.LARGE_BYTES == 64 * 2**20
+    if apart:
+        monkeypatch.setattr(replica_mod, "LARGE_BYTES", 0)
 
     cfg = load_config(None, "smoke", [*SETTINGS, "federation.rounds=1"])
     assert cfg.simulation.client_state == "disk"  # the default
@@ -71,8 +78,9 @@ def test_state_files_in_the_run_dir_and_one_replica(tmp_path):
     assert all(p.grad is None for p in replica.trainer.model.parameters())
     assert list((out / "clients" / "updates").iterdir()) == []  # every update was received
     files = sorted(p.name for p in (out / "clients").iterdir() if p.is_file())
-    # each state, with its held model (written before training) and moments (after) apart
-    assert files == sorted(["initial.safetensors", *(f"{n}.1{p}.safetensors" for n in NAMES for p in ("", ".downlink", ".trainer"))])
+    # each state; for a large model with its held model (written before training) and moments (after) apart
+    parts = ("", ".downlink", ".trainer") if apart else ("",)
+    assert files == sorted(["initial.safetensors", *(f"{n}.1{p}.safetensors" for n in NAMES for p in parts)])
     state = load_state(out / "clients" / "gcp.1.safetensors")
     params = dict(replica.trainer.model.named_parameters())
     moments = state["trainer"]["optimizer"]["state"]

@@ -24,6 +24,6 @@ def test_ray_resume_is_exact(tmp_path, shared_ray, where):  # noqa: F811
         _, saved = load_checkpoint(tmp_path / "cut" / "checkpoint")
         assert saved["parts"]["transport"]["client_files"] == {n: f"{n}.2.safetensors" for n in ("aws", "gcp", "azure")}
         files = sorted(p.name for p in (tmp_path / "cut" / "clients").iterdir() if p.is_file())
-        parts = ("", ".downlink", ".trainer")  # a state, and the parts of it written apart
-        assert files == sorted(f"{n}.{g}{p}.safetensors" for n in ("aws", "gcp", "azure") for g in (1, 2) for p in parts)
+        # one file a state: the smoke model is below ClientReplica's threshold for writing parts apart
+        assert files == sorted(f"{n}.{g}.safetensors" for n in ("aws", "gcp", "azure") for g in (1, 2))
     assert_same(whole, run_smoke(tmp_path, "cut", extra, resume=True))

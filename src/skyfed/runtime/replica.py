@@ -10,7 +10,8 @@ trained starts from the state a freshly built client has. After the task, `relea
 hands the new state back (Ray's object store) or writes it to a file
 (`skyfed.runtime.client_state`), and empties the replica: it keeps its parameter
 tensors, but no client's moments, gradients, residual or held model. When the state goes
-to a file, two parts of it are written earlier, each beside the state's file, and read
+to a file and the model is large (`LARGE_BYTES`, 64 MiB of trainable fp32 parameters),
+two parts of it are written earlier, each beside the state's file, and read
 back only when needed: the model the client holds for delta downlinks just before
 local training (training does not need it; the update is computed afterwards from the
 file), and the optimizer's moments just after (the update does not need them, and their
@@ -42,9 +43,11 @@ from skyfed.runtime.client_state import ClientStateFiles, External, load_state, 
 from skyfed.runtime.setup import client_seed, device_for, make_client
 
 Step = tuple[str, int, int, float]  # client, step, steps, loss (FederatedClient.on_step)
-# Freed optimizer moments at least this large go back to the system at once; below it,
-# returning them costs more time (malloc_trim walks the heap, ~4 ms) than the memory is worth.
-TRIM_MIN_BYTES = 64 * 2**20
+# A model at least this large (fp32 bytes of its trainable parameters) has its state's parts
+# written apart, and freed optimizer moments at least this large go back to the system at
+# once. Below it both cost more time (a file each, ~4 ms of malloc_trim) than the memory is
+# worth: gpt2-tiny's whole state is 11 MB.
+LARGE_BYTES = 64 * 2**20
 
 
 class ClientReplica:
@@ -67,6 +70,8 @@ class ClientReplica:
         if self.initial_path is not None:
             save_state(self.fresh, self.initial_path)
             self.fresh = None
+        trainable = (p for p in self.client.trainer.model.parameters() if p.requires_grad)
+        self.write_apart = sum(p.numel() * 4 for p in trainable) >= LARGE_BYTES
         self.client.drop_state()
         self.steps: list[Step] = []
         self._apart: dict[str, Path] = {}  # parts of the current client's state written apart
@@ -78,7 +83,7 @@ class ClientReplica:
         """The replica as client `name` (the `index`-th of the config) with `state`: a state,
         a file holding one, or None (never trained). Local steps go to `on_step`, else to
         `self.steps`. `state_path`: the file `release` will write; parts of the state go
-        beside it before and after training (the module docstring)."""
+        beside it before and after training when the model is large (the module docstring)."""
         client = self.client
         client.name, client.tokens, client.seed = name, tokens, client_seed(self.cfg, index)
         if isinstance(state, (str, Path)):
@@ -92,7 +97,7 @@ class ClientReplica:
         self.steps = []
         client.on_step = on_step if on_step is not None else (lambda *step: self.steps.append(step))
         self._apart = {}
-        if state_path is None:
+        if state_path is None or not self.write_apart:
             client.before_training = client.after_training = None
         else:
             client.before_training = lambda: self._write_apart("downlink", Path(state_path))
@@ -110,7 +115,7 @@ class ClientReplica:
             moments = client.trainer.optimizer.state
             freed = sum(t.nbytes for s in moments.values() for t in s.values() if isinstance(t, torch.Tensor))
             moments.clear()
-            if freed >= TRIM_MIN_BYTES:  # two model-sized buffers, which the update's would not reuse
+            if freed >= LARGE_BYTES:  # two model-sized buffers, which the update's would not reuse
                 release_free_memory()
         else:
             save_state(client.downlink.state_dict(), path)
