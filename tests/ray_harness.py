@@ -59,10 +59,11 @@ def shared_ray():
     ray.shutdown()
 
 
-def check_ray_equals_inprocess(tmp_path, extra: list[str]) -> None:
-    """The smoke run with `extra` under `runtime: ray` (2 actors) equals the in-process one,
-    and leaves running the Ray it did not start."""
-    ours = run_smoke(tmp_path, "ray", ["runtime=ray", *extra])
+def check_ray_equals_inprocess(tmp_path, extra: list[str], actors: int = 2) -> None:
+    """The smoke run with `extra` under `runtime: ray` with `actors` actors equals the
+    in-process one, and leaves running the Ray it did not start. With 2 actors a client's
+    consecutive tasks run on different actors, so its state moves between them."""
+    ours = run_smoke(tmp_path, "ray", ["runtime=ray", f"ray.actors={actors}", *extra])
     assert_same(run_smoke(tmp_path, "inprocess", extra), ours)
-    assert ours[2]["runtime"] == "ray" and ours[2]["ray_actors"] == 2
+    assert ours[2]["runtime"] == "ray" and ours[2]["ray_actors"] == actors
     assert ray.is_initialized()

@@ -13,4 +13,4 @@ pytestmark = pytest.mark.processes
     ["federation.strategy.name=fedasync"],
 ], ids=["dynamic", "fedasync"])
 def test_ray_equals_inprocess(tmp_path, shared_ray, extra):  # noqa: F811
-    check_ray_equals_inprocess(tmp_path, extra)
+    check_ray_equals_inprocess(tmp_path, extra, actors=1)  # the strategies differ on the server only

@@ -8,10 +8,13 @@ from ray_harness import check_ray_equals_inprocess, shared_ray  # noqa: F401
 pytestmark = pytest.mark.processes
 
 
-@pytest.mark.parametrize("extra", [
-    [],
-    ["federation.strategy.name=fedadam"],
-    ["compression.uplink=[int8]", "compression.downlink=[int8]"],  # residuals and held models travel
+# Two actors where client state must travel between them (FedAvg's moments, int8's residuals
+# and held models); one for the other families, which differ only on the server (fewer
+# actor processes to start: each imports torch).
+@pytest.mark.parametrize("extra,actors", [
+    ([], 2),
+    (["federation.strategy.name=fedadam"], 1),
+    (["compression.uplink=[int8]", "compression.downlink=[int8]"], 2),
 ], ids=["fedavg", "fedadam", "int8"])
-def test_ray_equals_inprocess(tmp_path, shared_ray, extra):  # noqa: F811
-    check_ray_equals_inprocess(tmp_path, extra)
+def test_ray_equals_inprocess(tmp_path, shared_ray, extra, actors):  # noqa: F811
+    check_ray_equals_inprocess(tmp_path, extra, actors)
