@@ -26,13 +26,13 @@ def test_ray_is_shut_down_when_the_run_fails(tmp_path):
             raise Stop()
 
     with pytest.raises(Stop):
-        run_simulation(load_config(None, "smoke", SMOKE + ["runtime=ray"]), tmp_path / "r", on_event=stop)
+        run_simulation(load_config(None, "smoke", SMOKE + ["runtime=ray", "ray.actors=1"]), tmp_path / "r", on_event=stop)
     assert not ray.is_initialized()
 
 
 @pytest.mark.processes
 def test_a_failing_client_is_one_line(shared_ray):  # noqa: F811
-    cfg = load_config(None, "smoke", SMOKE + ["runtime=ray"])
+    cfg = load_config(None, "smoke", SMOKE + ["runtime=ray", "ray.actors=1"])
     data = prepare_data(cfg)
     link = RayTransport(cfg, data.tokenizer, {"a": np.zeros(64, dtype=np.int32)})
     try:
@@ -49,7 +49,7 @@ def test_a_failing_client_is_one_line(shared_ray):  # noqa: F811
 @pytest.mark.processes
 @pytest.mark.parametrize("delta", [True, False])
 def test_one_payload_per_round_in_the_object_store(tmp_path, shared_ray, delta):  # noqa: F811
-    cfg = load_config(None, "smoke", SMOKE + ["runtime=ray", "federation.num_clients=6", f"compression.downlink_delta={delta}"])
+    cfg = load_config(None, "smoke", SMOKE + ["runtime=ray", "ray.actors=1", "federation.num_clients=6", f"compression.downlink_delta={delta}"])
     run = assemble(cfg, ray_transport(tmp_path), tmp_path)
     try:
         run.engine.run()
