@@ -2,13 +2,15 @@
 
     PYTHONPATH=src python bench/ray_equivalence.py                      # the default experiment
     PYTHONPATH=src python bench/ray_equivalence.py --preset smoke --set federation.strategy.name=fedadam
+    PYTHONPATH=src python bench/ray_equivalence.py --index-only   # rewrite the file's top-level command
 
 Both runs use one torch thread (a Ray actor's computation then matches the in-process
 one bit for bit: see `skyfed.runtime.ray`). Recorded in bench/results/ray_equivalence.json
 (one entry per preset and overrides): the final validation loss and perplexity of each
 runtime, the largest absolute difference between the two final global models, whether
 every metrics line (timings left out) is equal, the simulated time and egress bill, and
-each run's wall time with the load average.
+each run's wall time with the load average. Its top-level `command` lists the commands
+of its entries.
 """
 
 from __future__ import annotations
@@ -18,26 +20,13 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from paired_runs import add_run, run_one, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "ray_equivalence.json"
-TIMING = {"compute_s", "aggregate_s", "eval_s", "wall_time_s", "elapsed_s"}  # measured, not simulated
-
-
-def run_one(preset: str, sets: list[str], out: Path) -> dict:
-    from skyfed.config import load_config
-    from skyfed.federation.checkpoint import load_checkpoint
-    from skyfed.runtime.simulation import run_simulation
-
-    started = time.perf_counter()
-    run, summary = run_simulation(load_config(None, preset, sets), out)
-    params, _ = load_checkpoint(run.path / "checkpoint")
-    rows = [{k: v for k, v in r.items() if k not in TIMING} for r in run.read_metrics()]
-    return {"params": params, "rows": rows, "summary": summary, "wall_s": time.perf_counter() - started}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,7 +35,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="config override KEY=VALUE (repeatable)")
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--index-only", action="store_true", help="rewrite --out's top-level command from its runs; run nothing")
     args = ap.parse_args(argv)
+    if args.index_only:
+        return write_results(args.out, json.loads(args.out.read_text()))
     torch.set_num_threads(1)
     base = ["threads=1", *args.sets]
     ray_sets = ["runtime=ray", f"ray.actors={args.actors}", f"ray.num_cpus={args.actors}"]
@@ -77,11 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         "final_equal": inproc["summary"]["final"] == ray["summary"]["final"],
         "bit_identical": same_keys and diff == 0.0 and inproc["rows"] == ray["rows"],
     }
-    results = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "ray_equivalence", "runs": []}
-    key = (args.preset, base)
-    results["runs"] = [r for r in results["runs"] if (r["preset"], r["sets"]) != key] + [entry]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
+    add_run(args.out, "ray_equivalence", entry)
     print(json.dumps({k: entry[k] for k in ("preset", "inprocess", "ray", "max_abs_param_diff", "bit_identical")}, indent=1))
     return entry
 

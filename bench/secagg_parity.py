@@ -19,32 +19,13 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from paired_runs import add_run, run_one, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "secagg_parity.json"
-
-
-def run_one(preset: str, sets: list[str], out: Path) -> dict:
-    from skyfed.config import load_config
-    from skyfed.federation.checkpoint import load_checkpoint
-    from skyfed.runtime.simulation import run_simulation
-
-    started = time.perf_counter()
-    run, summary = run_simulation(load_config(None, preset, sets), out)
-    params, _ = load_checkpoint(run.path / "checkpoint")
-    return {"params": params, "summary": summary, "wall_s": time.perf_counter() - started}
-
-
-def write_results(out: Path, results: dict) -> dict:
-    """Write `results` to `out`, its top-level `command` the commands of its runs (one per preset and overrides)."""
-    results["command"] = " && ".join(r["command"] for r in results["runs"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -81,9 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         "val_ppl_relative_diff": abs(s["val_ppl"] - p["val_ppl"]) / p["val_ppl"],
         "max_abs_param_diff": diff,
     }
-    results = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "secagg_parity", "runs": []}
-    results["runs"] = [r for r in results["runs"] if (r["preset"], r["sets"]) != (args.preset, base)] + [entry]
-    write_results(args.out, results)
+    add_run(args.out, "secagg_parity", entry)
     print(json.dumps({k: entry[k] for k in ("preset", "plain", "secure", "val_ppl_relative_diff", "max_abs_param_diff")}, indent=1))
     return entry
 
