@@ -19,6 +19,7 @@ os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
 
 from skyfed.config import load_config  # noqa: E402
 from skyfed.federation.checkpoint import load_checkpoint  # noqa: E402
+from skyfed.runtime.ray import start_ray  # noqa: E402
 from skyfed.runtime.simulation import run_simulation  # noqa: E402
 
 SMOKE = ["threads=1", "clouds.aggregation_s=0.0", "ray.num_cpus=2", "ray.object_store_mb=200", "ray.actors=2"]
@@ -54,7 +55,7 @@ class Stop(Exception):
 
 @pytest.fixture(scope="module")
 def shared_ray():
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False)
+    assert start_ray(load_config(None, "smoke", SMOKE))  # 2 CPUs, a 200 MB object store
     yield
     ray.shutdown()
 

@@ -61,6 +61,11 @@ def start_ray(cfg: ExperimentConfig) -> bool:
     if ray.is_initialized():
         return False
     opts = cfg.ray
+    if opts.address is None:
+        # Ray starts its worker processes at niceness 15 (RayConfig worker_niceness): on a
+        # machine shared with other work the actors, which do all the training here, then
+        # get a few percent of a core. The workers inherit this from the raylet we start.
+        os.environ.setdefault("RAY_worker_niceness", "0")
     env = {"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}} if os.environ.get("PYTHONPATH") else None
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "runtime_env": env}
     if opts.address is None:
