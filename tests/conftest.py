@@ -5,6 +5,15 @@ from pathlib import Path
 
 import pytest
 
+# Four pytest-xdist workers share two cores and most tests start more processes. torch's
+# OpenMP threads spin while they wait for work: on the oversubscribed machine a gpt2-micro
+# training step took 250 ms of CPU with two threads, 3 ms with one. So every process of
+# the suite (workers, CLI runs, servers, clients) gets one thread (skyfed's `threads: null`
+# is torch's default, which follows OMP_NUM_THREADS) and waiting threads sleep. Set
+# before anything imports torch; a test that sets `threads` keeps its own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
