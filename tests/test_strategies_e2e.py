@@ -1,4 +1,6 @@
-"""Every strategy end to end through the real CLI on the `smoke` preset: it converges."""
+"""Every strategy end to end on the `smoke` preset: it converges. FedAvg runs through the
+real CLI; the others through the Python API (`skyfed.run`, the same run in this process:
+a CLI process spends most of a smoke run importing torch and transformers)."""
 
 import json
 import math
@@ -6,22 +8,27 @@ import math
 import pytest
 from conftest import run_cli
 
+import skyfed
 from skyfed.federation.strategies import STRATEGIES
 
 VOCAB = 512  # the smoke preset's tokenizer: an untrained model's loss is about ln(512) = 6.24
 ROUNDS = 3
 
 
-def skyfed(*args):
+def skyfed_cli(*args):
     return run_cli(*args, timeout=600)
 
 
 def run_smoke(out, name, rounds, steps, *extra):
-    return skyfed(
-        "run", "--preset", "smoke", "-q", "--out", str(out),
-        "--set", "threads=1", "--set", f"federation.rounds={rounds}", "--set", f"train.local_steps={steps}",
-        "--set", "eval.max_batches=2", "--set", f"federation.strategy.name={name}", *extra,
-    )
+    """The smoke preset with `name`, `rounds` x `steps` and the `--set` pairs in `extra`:
+    through the CLI for FedAvg, else through `skyfed.run`."""
+    sets = ["threads=1", f"federation.rounds={rounds}", f"train.local_steps={steps}", "eval.max_batches=2",
+            f"federation.strategy.name={name}", *extra[1::2]]
+    if name == "fedavg":
+        proc = skyfed_cli("run", "--preset", "smoke", "-q", "--out", str(out), *[a for s in sets for a in ("--set", s)])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    else:
+        skyfed.run(preset="smoke", overrides=sets, out=out)
 
 
 # FedSGD takes one server step per round (clients send gradients), so it gets more,
@@ -38,8 +45,7 @@ CASES = [(name, [], (20, 2) if name == "fedsgd" else (ROUNDS, 20)) for name in S
 @pytest.mark.parametrize("name,extra,shape", CASES, ids=[f"{n}{'-' + str(i) if e else ''}" for i, (n, e, _) in enumerate(CASES)])
 def test_strategy_converges_on_smoke(tmp_path, name, extra, shape):
     rounds, steps = shape
-    proc = run_smoke(tmp_path / "run", name, rounds, steps, *extra)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_smoke(tmp_path / "run", name, rounds, steps, *extra)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["strategy"] == name and len(rows) == rounds
@@ -55,7 +61,7 @@ def test_strategy_converges_on_smoke(tmp_path, name, extra, shape):
 
 def test_cli_lists_strategies(monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")  # a wide table: no wrapped names or arXiv ids
-    proc = skyfed("strategies")
+    proc = skyfed_cli("strategies")
     assert proc.returncode == 0, proc.stderr
     for name, cls in STRATEGIES.items():
         assert name in proc.stdout
@@ -71,7 +77,7 @@ def test_bad_strategy_config_is_one_line_and_exit_2(tmp_path, sets, message):
     args = ["run", "--preset", "smoke", "-q", "--out", str(tmp_path / "bad")]
     for s in sets:
         args += ["--set", s]
-    proc = skyfed(*args)
+    proc = skyfed_cli(*args)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "bad").exists()  # refused before any work
