@@ -1,5 +1,5 @@
 """The CLI's help, config validation (run, server, partition, calibrate) and the
-model.path check run without torch, transformers, gRPC or Ray (each CLI process the
+model.path and data.path checks run without torch, transformers, gRPC or Ray (each CLI process the
 suite spawns would otherwise spend seconds importing them). Checked in a fresh
 interpreter: this one has torch already."""
 
@@ -38,6 +38,7 @@ with contextlib.redirect_stderr(err):
     for argv in (
         ["run", "--preset", "smoke", "--set", "compression.uplink=[nocodec]"],
         ["run", "--preset", "smoke", "--set", "model.path=" + sys.argv[1], "--out", sys.argv[2]],
+        ["run", "--preset", "smoke", "--set", "data.path=" + sys.argv[1], "--out", sys.argv[2]],
         ["server", "--preset", "smoke", "--open", "--insecure", "--set", "federation.rounds=0"],
         ["partition", "--preset", "smoke", "--set", "federation.rounds=0"],
         ["calibrate", "--preset", "smoke", "--set", "federation.rounds=0"],
@@ -52,7 +53,7 @@ print(json.dumps(out))
 """
 
 
-def test_help_config_errors_and_a_missing_model_path_import_no_torch(tmp_path):
+def test_help_config_errors_and_missing_model_or_data_paths_import_no_torch(tmp_path):
     missing, run_dir = tmp_path / "missing", tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "COLUMNS": "200"}
     res = subprocess.run(
@@ -68,10 +69,11 @@ def test_help_config_errors_and_a_missing_model_path_import_no_torch(tmp_path):
         {"name": "topk", "fraction": 0.1, "scope": "tensor", "exact_max": 1 << 20, "seed": 0},
         {"name": "int8", "block": 256, "stochastic": False, "seed": 0},
     ]
-    assert out["runs"] == [2, 2, 2, 2, 2]
+    assert out["runs"] == [2, 2, 2, 2, 2, 2]
     lines = [line for line in out["stderr"].splitlines() if line.strip()]
     assert lines[0].startswith("error: preset 'smoke' with --set: compression.uplink: unknown codec 'nocodec'")
     assert lines[1] == f"error: model.path: model directory not found: {missing}"
+    assert lines[2] == f"error: data path not found: {missing}"
     rounds = "error: preset 'smoke' with --set: federation.rounds: Input should be greater than or equal to 1 (got 0)"
-    assert lines[2:] == [rounds] * 3
+    assert lines[3:] == [rounds] * 3
     assert not run_dir.exists()

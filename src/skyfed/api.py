@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 from skyfed.config import ExperimentConfig
 from skyfed.config import load_config as _load
+from skyfed.data.corpus import check_data_paths
 from skyfed.model_dir import check_model_path
 
 EventSink = Callable[[str, dict[str, Any]], None]
@@ -74,8 +75,9 @@ def run(
     """Run an experiment (the runtime its config names) or a centralized `baseline`
     ("sync" or "sequential"); returns the run directory and the summary."""
     cfg = load_config(config, preset, overrides)
-    # a wrong model.path fails here, before torch and transformers are imported (seconds)
+    # a wrong model.path or data.path fails here, before torch and transformers are imported (seconds)
     check_model_path(cfg.model.path, cfg.tokenizer.path)
+    check_data_paths(cfg.data.path, cfg.data.valid_path)
     if baseline is not None:
         from skyfed.baselines import run_baseline
 

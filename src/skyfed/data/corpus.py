@@ -118,6 +118,14 @@ def _nonempty(docs: list[str], path: Path) -> list[str]:
     return docs
 
 
+def check_data_paths(path: str, valid_path: str | None = None) -> None:
+    """The DataError that loading `path` (and `valid_path`) would raise for a path that does
+    not exist, raised before any tokenizing or importing torch."""
+    for p in (path, valid_path):
+        if p is not None and p != BUNDLED and not Path(p).expanduser().exists():
+            raise DataError(f"data path not found: {Path(p).expanduser()}")
+
+
 def _bundled_dir() -> Path:
     return Path(str(resources.files("skyfed.data") / "wikitext2"))
 
