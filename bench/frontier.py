@@ -10,11 +10,12 @@ A name is a file of configs/frontier (without .yaml) or a path. Each run goes th
 skyfed.api.run, the function behind `skyfed run CONFIG [--baseline sync] --set ...`.
 Per config, overrides, baseline and seed the file holds: final val_ppl (the whole
 validation split), total bytes up + down, wall time, the load average before and
-after, the command, and the config file's SHA-256 and text (a run of an earlier version
-of a file stays, marked `current: false`). Ratios are recomputed over the whole file at
+after, the command, and the config file's SHA-256 and text as run (a run of an earlier
+version of a file stays, marked `current: false`). Ratios are recomputed over the whole file at
 every write: ppl / fedavg-fp32 and ppl / sync (same seed, no overrides, current file),
 and fedavg-fp32's bytes / this run's bytes. The top-level `command` lists the commands
-of the entries (bench/paired_runs.write_results).
+of the entries (bench/paired_runs.write_results). `current`: the entry ran the experiment
+the file describes now (the validated config; comments do not count).
 """
 
 from __future__ import annotations
@@ -53,6 +54,16 @@ def rel(p: Path) -> str:
 
 def sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def setting_sha(text: str) -> str:
+    """SHA-256 of the experiment a config text describes (the validated config, so
+    comments and key order do not count)."""
+    import yaml
+    from skyfed.config import load_config
+
+    cfg = load_config(data=yaml.safe_load(text)).model_dump(mode="json")
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 
 def command_of(config: str, baseline: str | None, seed: int, sets: list[str]) -> str:
@@ -97,10 +108,14 @@ def key(e: dict) -> tuple:
 
 
 def annotate(runs: list[dict]) -> None:
-    """Mark entries of the current config files and recompute the ratios."""
+    """Mark the entries that ran the experiment the config file describes now (comments
+    may have changed since) and recompute the ratios."""
+    now: dict[str, str | None] = {}
     for e in runs:
         p = ROOT / e["config"]
-        e["current"] = p.exists() and sha(p) == e["config_sha256"]
+        if e["config"] not in now:
+            now[e["config"]] = setting_sha(p.read_text()) if p.exists() else None
+        e["current"] = now[e["config"]] == setting_sha(e["config_text"])
 
     def ref(seed: int, baseline: str | None) -> dict | None:
         for e in runs:
