@@ -14,7 +14,7 @@ from skyfed.config import load_config
 from skyfed.errors import ConfigError, SkyfedError
 from skyfed.federation.messages import TrainTask
 from skyfed.runtime.assemble import assemble
-from skyfed.runtime.ray import RayTransport, ray_transport
+from skyfed.runtime.ray import RayTransport, ray_transport, start_ray
 from skyfed.runtime.setup import prepare_data
 from skyfed.runtime.simulation import run_simulation
 
@@ -72,3 +72,21 @@ def test_config():
     with pytest.raises(ConfigError) as err:
         load_config(None, "smoke", ["workers=2"])
     assert "`workers` was removed" in str(err.value) and "runtime: ray" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_local_ray_that_times_out_at_start_is_started_once_more(monkeypatch):
+    calls = []
+
+    def init(address=None, **kwargs):
+        calls.append(address)
+        if len(calls) == 1:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    assert start_ray(load_config(None, "smoke", SMOKE)) is True
+    assert calls == [None, None]
+    calls.clear()
+    with pytest.raises(SkyfedError) as err:  # any other failure, or a second timeout, is one line
+        start_ray(load_config(None, "smoke", SMOKE + ["ray.address=ray://nowhere:1"]))
+    assert calls == ["ray://nowhere:1"] and "timed out during startup" in str(err.value)

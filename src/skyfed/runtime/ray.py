@@ -72,11 +72,19 @@ def start_ray(cfg: ExperimentConfig) -> bool:
         kwargs["num_cpus"] = opts.num_cpus
         if opts.object_store_mb is not None:
             kwargs["object_store_memory"] = opts.object_store_mb * 2**20
-    try:
-        ray.init(address=opts.address, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - a cluster that cannot be reached is a config problem
-        raise SkyfedError(f"ray.init(address={opts.address!r}) failed: {type(exc).__name__}: {exc}") from None
-    return True
+    for attempt in (1, 2):
+        try:
+            ray.init(address=opts.address, **kwargs)
+            return True
+        except Exception as exc:  # noqa: BLE001 - a cluster that cannot be reached is a config problem
+            # Ray waits a fixed 30 s for a local raylet to register; on an overloaded
+            # machine that can pass: start the local Ray once more before giving up.
+            if attempt == 1 and opts.address is None and "timed out during startup" in str(exc):
+                log.warning("the local Ray did not start within Ray's 30 s; starting it once more")
+                ray.shutdown()
+                continue
+            raise SkyfedError(f"ray.init(address={opts.address!r}) failed: {type(exc).__name__}: {exc}") from None
+    raise AssertionError("unreachable")
 
 
 class RayTransport(SimulatedTransport):
