@@ -7,11 +7,9 @@ TORCH_PIN := torch==2.13.0
 
 .PHONY: setup run test test-fast paper bench clean proto fuzz
 
-# --no-compile: pip would byte-compile every installed module (torch, transformers, ray...),
-# most of which no run imports; Python compiles what it imports on first use.
 $(BIN)/skyfed: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --no-compile $(TORCH_PIN) -e '.[dev]'
+	$(BIN)/pip install -q $(TORCH_PIN) -e '.[dev]'
 	touch $@
 
 setup: $(BIN)/skyfed
@@ -30,7 +28,7 @@ test: setup .venv-sky/bin/python
 # loads the deploy/skypilot/ YAMLs with SkyPilot's own API runs in a venv of its own.
 .venv-sky/bin/python:
 	$(PY) -m venv .venv-sky
-	.venv-sky/bin/pip install -q --no-compile "skypilot==0.14.1" "pytest>=8"
+	.venv-sky/bin/pip install -q "skypilot==0.14.1" "pytest>=8"
 
 # The unit tests only: everything that starts no process (about a minute).
 test-fast: setup
