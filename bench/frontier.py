@@ -66,10 +66,11 @@ def setting_sha(text: str) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 
-def command_of(config: str, baseline: str | None, seed: int, sets: list[str]) -> str:
-    parts = ["skyfed", "run", config] + (["--baseline", baseline] if baseline else [])
-    for s in [f"seed={seed}"] + sets:
-        parts += ["--set", s]
+def flags(baseline: str | None, sets: list[str]) -> list[str]:
+    return (["--baseline", baseline] if baseline else []) + [a for s in sets for a in ("--set", s)]
+
+
+def quoted(parts: list[str]) -> str:
     return " ".join(shlex.quote(x) for x in parts)
 
 
@@ -91,10 +92,8 @@ def run_one(path: Path, baseline: str | None, seed: int, sets: list[str], runs_d
         "bytes": s["total"]["bytes_up"] + s["total"]["bytes_down"],
         "rounds": s["rounds"], "wall_s": wall, "load_start": list(load_start), "load_end": list(os.getloadavg()),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": "PYTHONPATH=src python bench/frontier.py " + " ".join(
-            shlex.quote(x) for x in [config] + (["--baseline", baseline] if baseline else [])
-            + ["--seeds", str(seed)] + [a for s_ in sets for a in ("--set", s_)]),
-        "cli": command_of(config, baseline, seed, sets),
+        "command": "PYTHONPATH=src python bench/frontier.py " + quoted([config, "--seeds", str(seed), *flags(baseline, sets)]),
+        "cli": quoted(["skyfed", "run", config, *flags(baseline, [f"seed={seed}", *sets])]),
     }
 
 

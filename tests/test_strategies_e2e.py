@@ -20,10 +20,10 @@ def skyfed_cli(*args):
 
 
 def run_smoke(out, name, rounds, steps, *extra):
-    """The smoke preset with `name`, `rounds` x `steps` and the `--set` pairs in `extra`:
+    """The smoke preset with `name`, `rounds` x `steps` and the overrides in `extra`:
     through the CLI for FedAvg, else through `skyfed.run`."""
     sets = ["threads=1", f"federation.rounds={rounds}", f"train.local_steps={steps}", "eval.max_batches=2",
-            f"federation.strategy.name={name}", *extra[1::2]]
+            f"federation.strategy.name={name}", *extra]
     if name == "fedavg":
         proc = skyfed_cli("run", "--preset", "smoke", "-q", "--out", str(out), *[a for s in sets for a in ("--set", s)])
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -36,9 +36,9 @@ def run_smoke(out, name, rounds, steps, *extra):
 # FedAvgM's default (momentum 0.9, lr 0.1) equals FedAvg's step only once momentum has
 # built up, after ~10 rounds; three rounds check it with momentum 0.5 (lr 0.5).
 CASES = [(name, [], (20, 2) if name == "fedsgd" else (ROUNDS, 20)) for name in STRATEGIES if name != "fedavgm"] + [
-    ("fedavgm", ["--set", "federation.strategy.params={momentum: 0.5}"], (ROUNDS, 20)),
-    ("dynamic", ["--set", "federation.strategy.params={score: server, server_tokens: 1024}"], (ROUNDS, 20)),
-    ("fedopt", ["--set", "federation.strategy.params={optimizer: nesterov, lr: 0.5, momentum: 0.5}"], (ROUNDS, 20)),
+    ("fedavgm", ["federation.strategy.params={momentum: 0.5}"], (ROUNDS, 20)),
+    ("dynamic", ["federation.strategy.params={score: server, server_tokens: 1024}"], (ROUNDS, 20)),
+    ("fedopt", ["federation.strategy.params={optimizer: nesterov, lr: 0.5, momentum: 0.5}"], (ROUNDS, 20)),
 ]
 
 

@@ -61,30 +61,29 @@ def start_ray(cfg: ExperimentConfig) -> bool:
     if ray.is_initialized():
         return False
     opts = cfg.ray
+    env = {"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}} if os.environ.get("PYTHONPATH") else None
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "runtime_env": env}
     if opts.address is None:
         # Ray starts its worker processes at niceness 15 (RayConfig worker_niceness): on a
         # machine shared with other work the actors, which do all the training here, then
         # get a few percent of a core. The workers inherit this from the raylet we start.
         os.environ.setdefault("RAY_worker_niceness", "0")
-    env = {"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}} if os.environ.get("PYTHONPATH") else None
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "runtime_env": env}
-    if opts.address is None:
         kwargs["num_cpus"] = opts.num_cpus
         if opts.object_store_mb is not None:
             kwargs["object_store_memory"] = opts.object_store_mb * 2**20
-    for attempt in (1, 2):
+    # Ray waits a fixed 30 s for a local raylet to register; on an overloaded machine that
+    # can pass: a local Ray is started once more before giving up.
+    retry = opts.address is None
+    while True:
         try:
             ray.init(address=opts.address, **kwargs)
             return True
         except Exception as exc:  # noqa: BLE001 - a cluster that cannot be reached is a config problem
-            # Ray waits a fixed 30 s for a local raylet to register; on an overloaded
-            # machine that can pass: start the local Ray once more before giving up.
-            if attempt == 1 and opts.address is None and "timed out during startup" in str(exc):
-                log.warning("the local Ray did not start within Ray's 30 s; starting it once more")
-                ray.shutdown()
-                continue
-            raise SkyfedError(f"ray.init(address={opts.address!r}) failed: {type(exc).__name__}: {exc}") from None
-    raise AssertionError("unreachable")
+            if not (retry and "timed out during startup" in str(exc)):
+                raise SkyfedError(f"ray.init(address={opts.address!r}) failed: {type(exc).__name__}: {exc}") from None
+            retry = False
+            log.warning("the local Ray did not start within Ray's 30 s; starting it once more")
+            ray.shutdown()
 
 
 class RayTransport(SimulatedTransport):
