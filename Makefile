@@ -7,6 +7,10 @@ TORCH_PIN := torch==2.13.0
 
 .PHONY: setup run test test-fast paper bench clean proto fuzz
 
+# Independent prerequisites build side by side: `make test` sets up .venv and the SkyPilot
+# venv at once (most of each is one pip process unpacking and compiling on one core).
+MAKEFLAGS += -j2
+
 $(BIN)/skyfed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_PIN) -e '.[dev]'

@@ -1,6 +1,5 @@
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -64,13 +63,15 @@ def pytest_runtest_setup(item):
             (folder / "smoke-warm.done").touch()
 
 
-def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the real `skyfed` CLI in a subprocess."""
+def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run the real `skyfed` CLI in a process of its own, forked from the preloaded server
+    (tests/cli_forkserver.py), or `python -m skyfed` in a fresh interpreter when `fresh`;
+    its stdout and stderr come back as text."""
+    import cli_forkserver
+
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run(
-        [sys.executable, "-m", "skyfed", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
-    )
+    return cli_forkserver.run(list(args), env, cwd=cwd, timeout=timeout, fresh=fresh)
 
 
 def run_clis(*calls: list[str], timeout: float = 300) -> list[subprocess.CompletedProcess]:
@@ -94,7 +95,7 @@ def procs(tmp_path, monkeypatch):
     p.close()
 
 
-SPAWNS = ("run_cli(", "run_clis(", "subprocess.", "Popen(", "WorkerPool(", "ray.init(")
+SPAWNS = ("run_cli(", "run_clis(", "cli_forkserver.", "subprocess.", "Popen(", "WorkerPool(", "ray.init(")
 TESTS = str(ROOT / "tests")
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import cli_forkserver
 from skyfed.runtime.grpc.certs import make_dev_certs
 
 CLI = [sys.executable, "-m", "skyfed"]
@@ -42,11 +43,12 @@ class Procs:
         self.env = {**os.environ, "SKYFED_CACHE": os.environ.get("SKYFED_CACHE", str(folder / "cache")),
                     "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
-    def start(self, label: str, args: list[str], cli: list[str] | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
-        """Run `cli` (default: `python -m skyfed`) with `args`; `env` adds variables."""
-        log = open(self.folder / f"{label}.log", "ab")
-        p = subprocess.Popen((cli or CLI) + args, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
-                             cwd=self.folder)
+    def start(self, label: str, args: list[str], env: dict[str, str] | None = None, instrument: str | None = None):
+        """Run the skyfed CLI with `args` in a process forked from the preloaded server
+        (tests/cli_forkserver.py); `env` adds variables, `instrument` names a test module
+        that wraps parts of the client first."""
+        env = {**self.env, **(env or {})}
+        p = cli_forkserver.start(args, env, self.folder, self.folder / f"{label}.log", instrument=instrument)
         self.procs[label] = p
         return p
 

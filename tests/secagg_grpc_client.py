@@ -2,6 +2,8 @@
 
     python tests/secagg_grpc_client.py client --server HOST:PORT --name NAME ...   (the CLI's arguments)
 
+or imported first in a CLI process forked for the tests (tests/cli_forkserver.py, `instrument`).
+
 The client is the real one; three methods are wrapped:
 
 - SECAGG_DUMP=DIR: right before it masks an update, the client saves DIR/NAME-rROUND.pt

@@ -16,7 +16,9 @@ def _metrics(run_dir):
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "smoke"
-    proc = run_cli("run", "--preset", "smoke", "--out", str(out), "--quiet")
+    # `python -m skyfed` in a fresh interpreter, as a user runs it (the other CLI runs of
+    # the suite are forked from a server that has imported torch already)
+    proc = run_cli("run", "--preset", "smoke", "--out", str(out), "--quiet", fresh=True)
     assert proc.returncode == 0, proc.stderr
     return out, proc
 

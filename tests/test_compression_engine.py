@@ -3,12 +3,12 @@ bookkeeping matches what clients hold bit for bit, config forms, and a CLI smoke
 
 import json
 import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
+
+import cli_forkserver
 
 from skyfed.compression.chain import Chain
 from skyfed.compression.channel import Downlink, DownlinkReceiver
@@ -177,10 +177,10 @@ def test_config_accepts_short_and_long_codec_forms():
 
 def test_cli_smoke_run_with_int8_uplink_converges_with_fewer_bytes(cache, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "skyfed", "run", "--preset", "smoke", "-q", "--out", str(out),
+    proc = cli_forkserver.run(
+        ["run", "--preset", "smoke", "-q", "--out", str(out),
          "--set", "compression.uplink=[int8]", "--set", "federation.rounds=3", "--set", "threads=1"],
-        capture_output=True, text=True, timeout=600,
+        dict(os.environ), timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -120,8 +120,9 @@ def test_front_door_refusals_while_others_train(procs, tmp_path):
     for name in ["aws", "gcp"]:
         procs.start(name, client_args(name, port, certs, "--tls-cert", str(certs[f"client-{name}.pem"]),
                                       "--tls-key", str(certs[f"client-{name}.key"])))
-    procs.wait_for("aws and gcp to push round 0 under the flood", lambda: all(
-        f"received the round 0 update of {n}" in procs.log("server") for n in ["aws", "gcp"]))
+    procs.wait_for("aws and gcp to push round 0 under the flood, and the watchdog to cancel a stream", lambda: all(
+        f"received the round 0 update of {n}" in procs.log("server") for n in ["aws", "gcp"])
+        and "sent or took nothing for 2s" in procs.log("server"))
     flood.stop.set()
     flood.thread.join(30)
     codes = flood.codes()

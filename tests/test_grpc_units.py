@@ -155,6 +155,22 @@ def loopback():
     server.stop(0).wait()
 
 
+def _engine_releasing_one(transport: GrpcTransport):
+    """The engine's part in a thread: take the next pushed update and release it (the
+    servicer answers a push only then); the future holds what was taken."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def take():
+        got = transport.receive(60.0)
+        transport.release(got)
+        return got
+
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(take)
+    pool.shutdown(wait=False)
+    return future
+
+
 def test_streams_payloads_far_beyond_the_message_limit(loopback):
     transport, port = loopback
     big = torch.arange(3 * 2**20, dtype=torch.float32)  # 12 MiB, 12x the 1 MiB message limit
@@ -167,8 +183,9 @@ def test_streams_payloads_far_beyond_the_message_limit(loopback):
     assert pulled.status == "task" and bytes(pulled.task.payload) == model
     assert pulled.task.options == {"prox_mu": 0.1} and pulled.task.steps == 5
     update = encode_payload({"w": -big}, kind="update", round=0, client="aws", base_version=0)
+    engine = _engine_releasing_one(transport)  # the push is answered once the engine has taken it
     assert session.push(ClientResult("aws", 0, 0, update, num_tokens=77, train_loss=2.5))
-    got = transport.receive(5.0)
+    got = engine.result()
     assert bytes(got.payload) == update and got.num_tokens == 77 and got.train_loss == 2.5
     assert transport.clients["aws"].num_tokens == 123
     session.close()
@@ -198,8 +215,9 @@ def test_a_plain_protobuf_client_interoperates(loopback):
     head = pb.UpdateHeader(protocol_version=PROTOCOL_VERSION, name="aws", session_id=session.session_id, round=0,
                            num_tokens=9, payload_bytes=len(update))
     msgs = [pb.UpdateChunk(header=head)] + [pb.UpdateChunk(data=update[i : i + 50_000]) for i in range(0, len(update), 50_000)]
+    engine = _engine_releasing_one(transport)
     assert stub.PushUpdate(iter(msgs), metadata=meta).accepted
-    assert bytes(transport.receive(5.0).payload) == update
+    assert bytes(engine.result().payload) == update
     session.close()
 
 

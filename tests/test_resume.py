@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli
+import cli_forkserver
 
 pytestmark = pytest.mark.processes
 
@@ -31,10 +31,10 @@ def _lines(run: Path) -> list[dict]:
 
 def _killed_and_resumed(out: Path, settings: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    args = [sys.executable, "-m", "skyfed", "run", "--preset", "smoke", "-q", "--out", str(out)]
+    args = ["run", "--preset", "smoke", "-q", "--out", str(out)]
     for s in settings:
         args += ["--set", s]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = cli_forkserver.start(args, env, Path.cwd(), os.devnull)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:

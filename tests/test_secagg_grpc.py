@@ -11,7 +11,6 @@ itself after set-up in the rounds it is told to (a dropout after masking).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,6 @@ from grpc_harness import SMOKE, client_args, dev_certs, free_port, metrics, serv
 from skyfed.config import load_config
 from skyfed.runtime.simulation import run_simulation
 
-LAUNCHER = [sys.executable, str(Path(__file__).with_name("secagg_grpc_client.py"))]
 SECURE = ["--set", "security.secure_aggregation=true", "--set", "security.secagg.bound=1.0"]
 FIVE = ["aws", "gcp", "azure", "aws2", "gcp2"]
 FIVE_CLIENTS = "federation.clients=[{name: aws}, {name: gcp}, {name: azure}, {name: aws2, cloud: aws}, {name: gcp2, cloud: gcp}]"
@@ -33,7 +31,7 @@ def start(procs, names: list[str], port: int, certs: dict, dump: Path, die: dict
     dump.mkdir(exist_ok=True)
     for name in names:
         env = {"SECAGG_DUMP": str(dump), "SECAGG_DIE_ROUNDS": (die or {}).get(name, "")}
-        procs.start(name, client_args(name, port, certs), cli=LAUNCHER, env=env)
+        procs.start(name, client_args(name, port, certs), env=env, instrument="secagg_grpc_client")
 
 
 def finished(run: Path) -> dict | None:
@@ -64,7 +62,7 @@ def test_a_dropout_after_masking_gives_the_mean_of_the_others_and_too_many_are_r
     certs = dev_certs(tmp_path / "certs", FIVE)
     port, run, dump = free_port(), tmp_path / "run", tmp_path / "dump"
     # each of the three dropouts waits out one stage timeout; a survivor's smoke round takes seconds
-    cfg = [*SMOKE, *SECURE, "--set", FIVE_CLIENTS, "--set", "federation.round_timeout_s=25", "--set", "federation.min_clients=2"]
+    cfg = [*SMOKE, *SECURE, "--set", FIVE_CLIENTS, "--set", "federation.round_timeout_s=15", "--set", "federation.min_clients=2"]
     procs.start("server", server_args(cfg, port, certs, run))
     start(procs, FIVE, port, certs, dump, die={"gcp2": "0", "azure": "1", "aws2": "1"})
     procs.wait_for("the run's summary", lambda: finished(run) is not None, timeout=600)

@@ -4,12 +4,13 @@ outages, a round deadline, the egress bill and partition.json in the run directo
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
 from pathlib import Path
 
 import pytest
 import yaml
+
+import cli_forkserver
 
 PRICES = {"fast1": 0.09, "fast2": 0.12, "slow": 0.087}
 CLOUDS = {
@@ -30,9 +31,9 @@ def run_cli(tmp: Path, name: str, extra: dict) -> tuple[list[dict], dict, Path, 
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = tmp / name
-    proc = subprocess.run(
-        [sys.executable, "-m", "skyfed", "run", str(path), "--preset", "smoke", "--quiet", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+    proc = cli_forkserver.run(
+        ["run", str(path), "--preset", "smoke", "--quiet", "--out", str(out)],
+        dict(os.environ), timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -105,10 +106,10 @@ def test_partition_command_writes_shards_report_and_plot(tmp_path):
     import numpy as np
 
     out = tmp_path / "part"
-    proc = subprocess.run(
-        [sys.executable, "-m", "skyfed", "partition", "--preset", "smoke", "--out", str(out),
+    proc = cli_forkserver.run(
+        ["partition", "--preset", "smoke", "--out", str(out),
          "--set", "data.partition.method=quantity", "--set", "data.partition.shares=[1, 1, 2]"],
-        capture_output=True, text=True, timeout=300,
+        dict(os.environ), timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "partition: quantity" in proc.stdout and "azure" in proc.stdout
