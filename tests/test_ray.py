@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from ray_harness import SMOKE, Stop, ray, shared_ray  # noqa: F401
+from ray_harness import SMOKE, Stop, assert_same, ray, run_smoke, shared_ray  # noqa: F401
 
 from skyfed.config import load_config
 from skyfed.errors import ConfigError, SkyfedError
@@ -61,6 +61,29 @@ def test_one_payload_per_round_in_the_object_store(tmp_path, shared_ray, delta):
         assert run.transport.payload_puts == 2  # two rounds, six clients each
     finally:
         run.transport.close()
+
+
+@pytest.mark.processes
+def test_kept_actors_serve_the_next_run_with_its_own_config(tmp_path, shared_ray):  # noqa: F811
+    """`ray.keep_actors`: a second run, with another strategy, rebuilds its replicas in the
+    first run's actors instead of starting processes, and still equals the in-process run;
+    kept actors of another size are stopped, so they hold no CPU a new actor needs."""
+    from skyfed.runtime import ray as ray_runtime
+
+    def kept_pids() -> list[int]:
+        return sorted(ray.get([a.pid.remote() for _, _, a in ray_runtime._KEPT]))
+
+    ray_runtime._KEPT.clear()
+    keep = ["runtime=ray", "ray.actors=2", "ray.keep_actors=true"]
+    run_smoke(tmp_path, "first", keep)
+    first = kept_pids()
+    assert len(first) == 2 and os.getpid() not in first
+    fedadam = ["federation.strategy.name=fedadam"]
+    assert_same(run_smoke(tmp_path, "second", keep + fedadam), run_smoke(tmp_path, "inprocess", fedadam))
+    assert kept_pids() == first
+    # one actor of both CPUs (ray.num_cpus=2): the two kept ones must make room
+    run_smoke(tmp_path, "big", ["runtime=ray", "ray.actors=1", "ray.num_cpus_per_actor=2", "ray.keep_actors=false"])
+    assert ray_runtime._KEPT == []
 
 
 def test_config():

@@ -351,6 +351,11 @@ class RayConfig(Section):
     client_state: Literal["object_store", "disk"] = "object_store"
     num_cpus: int | None = Field(None, ge=1)  # a local Ray's CPUs; None = Ray's default (all)
     object_store_mb: int | None = Field(None, ge=75)  # a local Ray's object store; None = Ray's default
+    # Keep the actors between the runs of one Python process (a notebook, a script running
+    # several experiments): the next run on the same Ray rebuilds its replica in them
+    # instead of starting new worker processes. Only where Ray outlives the run (started
+    # before it, or a cluster): a Ray that skyfed starts is shut down at the run's end.
+    keep_actors: bool = False
 
 
 class SimulationConfig(Section):

@@ -20,6 +20,8 @@ collected and scheduled in send order, each from the simulated clock at its send
 same `_schedule`. A client's computation depends only on its state, its shard, its seed
 and its task, never on which actor runs it, so with one torch thread per actor a run is
 bit-identical to the in-process simulation (tests/test_ray_equals_inprocess_*.py).
+With `ray.keep_actors` the actors outlive the run (where Ray does) and the next run of
+this process rebuilds its replicas in them (docs/scale.md, "Kept actors").
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ from skyfed.runtime.replica import ClientReplica
 from skyfed.runtime.setup import PreparedData
 
 log = logging.getLogger(__name__)
+
+# Actors kept between the runs of this process (`ray.keep_actors`): (Ray session, CPUs per actor, actor).
+_KEPT: list[tuple[tuple[str, str], float, Any]] = []
 
 
 def _ray():
@@ -112,6 +117,7 @@ class RayTransport(SimulatedTransport):
         self._payload_version: int | None = None
         self.payload_puts = 0  # object-store copies of model payloads so far
         self._next_actor = 0
+        self._keep = (cfg.ray.keep_actors, cfg.ray.num_cpus_per_actor)
         self._owns_ray = start_ray(cfg)
         try:
             ray = _ray()
@@ -119,9 +125,11 @@ class RayTransport(SimulatedTransport):
             n = max(1, min(cfg.ray.actors, len(self.names)))
             actor = ray.remote(ClientReplica).options(num_cpus=cfg.ray.num_cpus_per_actor, max_restarts=0)
             threads = max(1, int(cfg.ray.num_cpus_per_actor))
-            self._actors = [actor.remote(cfg, tokenizer, threads) for _ in range(n)]
+            self._actors = _reconfigured(_take_kept(cfg.ray.num_cpus_per_actor, n), cfg, tokenizer, threads)
+            reused = len(self._actors)
+            self._actors += [actor.remote(cfg, tokenizer, threads) for _ in range(n - reused)]
             self._get([a.pid.remote() for a in self._actors], "starting the actors")
-            log.info("%d Ray actors started, %d torch thread(s) each", n, threads)
+            log.info("%d Ray actors (%d kept from an earlier run), %d torch thread(s) each", n, reused, threads)
         except BaseException:
             self.close()
             raise
@@ -224,17 +232,58 @@ class RayTransport(SimulatedTransport):
             self._states = {name: ray.put(client_state) for name, client_state in clients.items()}
 
     def close(self) -> None:
-        """Stop the actors, and Ray itself when this transport started it."""
+        """Stop the actors (or keep them for the next run, `ray.keep_actors`), and Ray
+        itself when this transport started it."""
         try:
             if self._actors:
                 ray = _ray()
-                for a in self._actors:
-                    ray.kill(a)
+                keep, cpus = self._keep
+                if keep and not self._owns_ray:
+                    _KEPT.extend((_session(), cpus, a) for a in self._actors)
+                else:
+                    for a in self._actors:
+                        ray.kill(a)
         finally:
             self._actors, self._states, self._last, self._payloads, self._pending = [], {}, {}, {}, deque()
             if self._owns_ray:
                 _ray().shutdown()
                 self._owns_ray = False
+
+
+def _take_kept(cpus: float, n: int) -> list[Any]:
+    """Up to `n` kept actors of this Ray job with `cpus` CPUs each; the other kept actors
+    are stopped, so that none holds CPUs the new ones need."""
+    if not _KEPT:
+        return []
+    ray = _ray()
+    session = _session()
+    kept = [(s, c, a) for s, c, a in _KEPT if s == session]  # the others died with their Ray
+    _KEPT.clear()
+    take = [a for _, c, a in kept if c == cpus][:n]
+    for _, _, a in kept:
+        if not any(a is t for t in take):
+            ray.kill(a)
+    return take
+
+
+def _session() -> tuple[str, str]:
+    """This driver's Ray job and node: a Ray started again numbers its jobs from 1 again."""
+    context = _ray().get_runtime_context()
+    return context.get_job_id(), context.get_node_id()
+
+
+def _reconfigured(actors: list[Any], cfg: ExperimentConfig, tokenizer, threads: int) -> list[Any]:
+    """The kept `actors` that rebuilt their replica for this run; one that died is left out."""
+    ray = _ray()
+    ready = [(a, a.configure.remote(cfg, tokenizer, threads)) for a in actors]
+    alive = []
+    for a, ref in ready:
+        try:
+            ray.get(ref)
+            alive.append(a)
+        except ray.exceptions.RayActorError:
+            log.warning("a kept Ray actor has died; starting a new one")
+    return alive
 
 
 def _first_line(exc: BaseException) -> str:

@@ -160,6 +160,12 @@ class ClientReplica:
             raise
         return (result, self.steps), self.release(state_path)
 
+    def configure(self, cfg: ExperimentConfig, tokenizer, threads: int | None = 1) -> int:
+        """Become a fresh replica of another run (a kept Ray actor, `ray.keep_actors`);
+        returns this process' pid."""
+        self.__init__(cfg, tokenizer, threads)
+        return os.getpid()
+
     def pid(self) -> int:
         return os.getpid()
 
