@@ -1,7 +1,7 @@
 """`skyfed` CLI processes forked from a server that has already imported torch and transformers.
 
 A fresh `python -m skyfed` spends about 4 s of CPU importing torch and transformers
-before it does anything, and the suite starts well over a hundred CLI processes. So the
+before it does anything, and the end-to-end tests start many CLI processes. So the
 tests start them from a `multiprocessing` fork server (one per pytest worker) that
 imported those modules once: every child is still its own process with its own argv,
 environment, working directory, stdout and stderr, and runs `skyfed.cli.main` as
