@@ -62,7 +62,7 @@ def test_a_dropout_after_masking_gives_the_mean_of_the_others_and_too_many_are_r
     certs = dev_certs(tmp_path / "certs", FIVE)
     port, run, dump = free_port(), tmp_path / "run", tmp_path / "dump"
     # each of the three dropouts waits out one stage timeout; a survivor's smoke round takes seconds
-    cfg = [*SMOKE, *SECURE, "--set", FIVE_CLIENTS, "--set", "federation.round_timeout_s=15", "--set", "federation.min_clients=2"]
+    cfg = [*SMOKE, *SECURE, "--set", FIVE_CLIENTS, "--set", "federation.round_timeout_s=25", "--set", "federation.min_clients=2"]
     procs.start("server", server_args(cfg, port, certs, run))
     start(procs, FIVE, port, certs, dump, die={"gcp2": "0", "azure": "1", "aws2": "1"})
     procs.wait_for("the run's summary", lambda: finished(run) is not None, timeout=600)
