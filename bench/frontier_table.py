@@ -58,7 +58,7 @@ def table(runs: list[dict]) -> str:
         lines.append(
             f"| {name} | {', '.join(str(r['seed']) for r in seeds)} | {cells('val_ppl', '.2f')} "
             f"| {cells('ppl_vs_fedavg_fp32', '.3f')} | {cells('ppl_vs_sync', '.3f')} | {mb} "
-            f"| {cells('fewer_bytes_than_fedavg_fp32', '.1f')} | {to_target} |"
+            f"| {cells('fewer_bytes_than_fedavg_fp32', '.3g')} | {to_target} |"
         )
     return "\n".join(lines)
 
