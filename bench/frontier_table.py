@@ -1,5 +1,8 @@
 """The markdown table of issue 17's frontier runs, from bench/results/frontier.json
-(written by bench/frontier.py): one row per current config and baseline, both seeds.
+(written by bench/frontier.py): one row per current config, baseline and overrides,
+both seeds. "MB to fedavg-fp32's ppl" is the communication a run needed to reach
+fedavg-fp32's final perplexity (same seed): the bytes so far at the first evaluated round
+at or below it (the paper's "GB" reading), for runs that recorded their curve.
 
     python bench/frontier_table.py                 # prints the table docs/results.md holds
 """
@@ -13,9 +16,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+REFERENCE = "configs/frontier/fedavg-fp32.yaml"
+
+
 def label(run: dict) -> str:
     name = Path(run["config"]).stem
-    return f"{name} --baseline {run['baseline']}" if run["baseline"] else name
+    sets = [s for s in run["sets"] if not s.startswith("threads=")]
+    return " ".join([name, *([f"--baseline {run['baseline']}"] if run["baseline"] else []), *(f"--set {s}" for s in sets)])
+
+
+def bytes_to_reach(run: dict, runs: list[dict]) -> float | None:
+    """Bytes sent until `run` first evaluated at or below fedavg-fp32's final ppl (same seed)."""
+    target = next((r["val_ppl"] for r in runs if r["config"] == REFERENCE and r.get("current", True) and r["baseline"] is None
+                   and r["seed"] == run["seed"] and label(r) == Path(REFERENCE).stem), None)
+    if target is None or "curve" not in run:
+        return None
+    return next((sent for _, sent, ppl in run["curve"] if ppl <= target), None)
 
 
 def table(runs: list[dict]) -> str:
@@ -25,8 +41,9 @@ def table(runs: list[dict]) -> str:
         if run.get("current", True):
             rows.setdefault(label(run), []).append(run)
     lines = [
-        "| run | seeds | val ppl | ppl / fedavg-fp32 | ppl / sync | total MB (up + down) | fewer bytes than fedavg-fp32 |",
-        "|---|---|---|---|---|---|---|",
+        "| run | seeds | val ppl | ppl / fedavg-fp32 | ppl / sync | total MB (up + down) | fewer bytes than fedavg-fp32 "
+        "| MB to fedavg-fp32's ppl |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, seeds in rows.items():
         seeds.sort(key=lambda r: r["seed"])
@@ -36,10 +53,12 @@ def table(runs: list[dict]) -> str:
             return " / ".join("-" if v is None else format(v, fmt) for v in values)
 
         mb = " / ".join(f"{r['bytes'] / 1e6:.2f}" for r in seeds)
+        reach = [bytes_to_reach(r, runs) for r in seeds]
+        to_target = " / ".join("-" if b is None else f"{b / 1e6:.2f}" for b in reach)
         lines.append(
             f"| {name} | {', '.join(str(r['seed']) for r in seeds)} | {cells('val_ppl', '.2f')} "
             f"| {cells('ppl_vs_fedavg_fp32', '.3f')} | {cells('ppl_vs_sync', '.3f')} | {mb} "
-            f"| {cells('fewer_bytes_than_fedavg_fp32', '.1f')} |"
+            f"| {cells('fewer_bytes_than_fedavg_fp32', '.3g')} | {to_target} |"
         )
     return "\n".join(lines)
 

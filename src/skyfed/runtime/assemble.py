@@ -127,7 +127,8 @@ def _strategy(cfg: ExperimentConfig, data: PreparedData, device: torch.device, p
         from skyfed.runtime.server_eval import make_params_evaluator
 
         evaluate_params = make_params_evaluator(cfg, data.valid.tokens, new_model(cfg, data.tokenizer), device)
-    strategy = build_strategy(strat.name, strat.params, evaluate_params=evaluate_params, norm_bound=strat.norm_bound)
+    strategy = build_strategy(strat.name, strat.params, evaluate_params=evaluate_params, norm_bound=strat.norm_bound,
+                              train_config=cfg.train, total_rounds=cfg.federation.rounds)
     return apply_privacy(cfg, strategy, privacy)
 
 
@@ -135,7 +136,8 @@ def check_config(cfg: ExperimentConfig, simulated: bool = True) -> None:
     """Errors a config can have that the schema does not see, before any work (the cloud
     profiles only matter where the clouds are simulated)."""
     strat = cfg.federation.strategy
-    build_strategy(strat.name, strat.params, evaluate_params=lambda params: 0.0, norm_bound=strat.norm_bound)
+    build_strategy(strat.name, strat.params, evaluate_params=lambda params: 0.0, norm_bound=strat.norm_bound,
+                   train_config=cfg.train, total_rounds=cfg.federation.rounds)
     if simulated and cfg.clouds.simulate:
         from skyfed.clouds import network_from_config
 

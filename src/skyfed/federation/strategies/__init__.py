@@ -39,7 +39,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 # Arguments the runtime may supply; never accepted from the YAML.
-RUNTIME_ARGS = ("evaluate_params",)
+RUNTIME_ARGS = ("evaluate_params", "train_config", "total_rounds")
 
 
 def yaml_params(cls: type[Strategy]) -> list[str]:
@@ -54,9 +54,12 @@ def build_strategy(
     params: dict[str, Any] | None = None,
     evaluate_params: Callable[[Params], float] | None = None,
     norm_bound: float | None = None,
+    train_config: Any = None,
+    total_rounds: int | None = None,
 ) -> Strategy:
     """The strategy `name` built from its YAML params (validated: a bad one names its key),
-    wrapped in norm bounding when `norm_bound` (`federation.strategy.norm_bound`) is set."""
+    wrapped in norm bounding when `norm_bound` (`federation.strategy.norm_bound`) is set.
+    The runtime's arguments (`RUNTIME_ARGS`) reach only the constructors that take them."""
     if name not in STRATEGIES:
         raise ConfigError(f"federation.strategy.name: unknown strategy {name!r}; available: {', '.join(sorted(STRATEGIES))}")
     cls = STRATEGIES[name]
@@ -67,8 +70,9 @@ def build_strategy(
             raise ConfigError(
                 f"{PREFIX}.{key}: unknown parameter for {name!r}; accepted: {', '.join(accepted) or '(none)'}"
             )
-    if "evaluate_params" in inspect.signature(cls.__init__).parameters:
-        params["evaluate_params"] = evaluate_params
+    supplied = {"evaluate_params": evaluate_params, "train_config": train_config, "total_rounds": total_rounds}
+    takes = inspect.signature(cls.__init__).parameters
+    params.update({k: v for k, v in supplied.items() if k in takes})
     return with_norm_bound(cls(**params), norm_bound)
 
 

@@ -13,7 +13,8 @@ Named configurations (each its own registry entry, parameters still overridable)
   fedadam / fedyogi / fedadagrad   Reddi et al. 2021's adaptive server optimizers
 
 Notes. `fedsgd` asks clients for raw gradients (`send: gradient`,
-see `skyfed.federation.fedsgd`) and steps with SGD. `adam` is `torch.optim.Adam`, which (unlike Reddi et al.'s Algorithm 2) applies
+see `skyfed.federation.fedsgd`) and steps with SGD, or with the local trainer's AdamW
+and schedule (`optimizer: adamw`: the `sync` baseline's step). `adam` is `torch.optim.Adam`, which (unlike Reddi et al.'s Algorithm 2) applies
 bias correction; `adagrad` is `torch.optim.Adagrad` (no first moment); `yogi` follows
 Algorithm 2 (see `yogi.py`). With `train.local_steps=1`, `fedopt` gets one local
 AdamW step per client as its pseudo-gradient; `fedsgd` gets the gradient itself.
@@ -33,6 +34,8 @@ from skyfed.federation.strategies.base import AggregateResult, Params
 from skyfed.federation.strategies.mean import MeanStrategy
 from skyfed.federation.strategies.params import bad, choice, flag, number, pair
 from skyfed.federation.strategies.yogi import Yogi
+from skyfed.optim import make_adamw
+from skyfed.train import lr_at
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "yogi", "adagrad")
 
@@ -111,10 +114,14 @@ class FedOpt(MeanStrategy):
             for name, p in zip(self._names, self._server):
                 p.copy_(global_params[name])
                 p.grad = mean_delta[name].to(torch.float32)  # the mean is ours: no copy
+        self._before_step(round)
         self._opt.step()
         self._opt.zero_grad(set_to_none=True)
         new = {name: p.detach().clone() for name, p in zip(self._names, self._server)}
         return AggregateResult(new, {"weights": weights, "pseudo_grad_norm": norm})
+
+    def _before_step(self, round: int) -> None:
+        """Called with the mean in `.grad`, before the optimizer steps (schedules, clipping)."""
 
     def state_dict(self) -> dict[str, Any]:
         if self._opt is None:
@@ -171,21 +178,57 @@ class FedAvgM(FedOpt):
 
 class FedSGD(FedOpt):
     """FedSGD: clients send the mean gradient of `train.local_steps` batches at the
-    global model; the server takes one SGD (optionally momentum) step with it.
+    global model; the server takes one step with it.
 
     McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
     Decentralized Data", AISTATS, arXiv:1602.05629 (FedSGD).
+
+    `optimizer: sgd` (the default) is SGD at `lr` with `momentum`. `optimizer: adamw` is
+    the local trainer's own step run on the server: AdamW at `train.lr` on the warmup +
+    cosine schedule over the run's rounds, `train.betas`, `train.weight_decay` on the
+    matrices and clipping to `train.grad_clip`. With one batch a client a round and no
+    codec, that is the step of the `sync` baseline (synchronous data parallelism).
     """
 
     name = "fedsgd"
-    description = "clients send gradients (no local step); server SGD step on their mean"
+    description = "clients send gradients (no local step); server SGD or AdamW step on their mean"
     paper = "McMahan et al. 2017, arXiv:1602.05629"
 
-    def __init__(self, lr: float = 0.5, momentum: float = 0.9, use_tokens: bool = True):
-        super().__init__("sgd", lr=lr, momentum=momentum, use_tokens=use_tokens)
+    def __init__(self, lr: float | None = None, momentum: float | None = None, optimizer: str = "sgd",
+                 use_tokens: bool = True, train_config: Any = None, total_rounds: int | None = None):
+        kind = choice("optimizer", optimizer, ("sgd", "adamw"))
+        if kind == "adamw":
+            for key, value in (("lr", lr), ("momentum", momentum)):
+                if value is not None:
+                    raise bad(key, "optimizer adamw takes its lr, betas and schedule from the train section")
+            if train_config is None or total_rounds is None:
+                raise bad("optimizer", "adamw needs the run's train section and round count")
+        super().__init__("sgd", lr=0.5 if lr is None else lr, momentum=0.9 if momentum is None else momentum,
+                         use_tokens=use_tokens)
+        self.optimizer_name = kind
+        self.train_config = train_config
+        self.total_rounds = total_rounds
 
     def client_options(self, round: int) -> dict[str, Any]:
         return {"send": "gradient"}
+
+    def _make_optimizer(self, tensors: list[torch.Tensor]) -> torch.optim.Optimizer:
+        if self.optimizer_name == "sgd":
+            return super()._make_optimizer(tensors)
+        tc = self.train_config
+        groups = [{"params": [t for t in tensors if t.dim() >= 2], "weight_decay": tc.weight_decay},
+                  {"params": [t for t in tensors if t.dim() < 2], "weight_decay": 0.0}]
+        optimizer, _ = make_adamw([g for g in groups if g["params"]], tc.lr, tc.betas, tc.optimizer_impl)
+        return optimizer
+
+    def _before_step(self, round: int) -> None:
+        if self.optimizer_name == "sgd":
+            return
+        tc = self.train_config
+        for group in self._opt.param_groups:
+            group["lr"] = lr_at(round, self.total_rounds, tc)
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self._server, tc.grad_clip)
 
 
 class _Adaptive(FedOpt):
