@@ -11,24 +11,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-REFERENCE = "configs/frontier/fedavg-fp32.yaml"
+sys.path.insert(0, str(ROOT / "bench"))
+from frontier import REFERENCE, model_sets  # noqa: E402
 
 
 def label(run: dict) -> str:
     name = Path(run["config"]).stem
-    sets = [s for s in run["sets"] if not s.startswith("threads=")]
+    sets = model_sets(run["sets"])
     return " ".join([name, *([f"--baseline {run['baseline']}"] if run["baseline"] else []), *(f"--set {s}" for s in sets)])
 
 
 def bytes_to_reach(run: dict, runs: list[dict]) -> float | None:
     """Bytes sent until `run` first evaluated at or below fedavg-fp32's final ppl (same seed)."""
     target = next((r["val_ppl"] for r in runs if r["config"] == REFERENCE and r.get("current", True) and r["baseline"] is None
-                   and r["seed"] == run["seed"] and label(r) == Path(REFERENCE).stem), None)
+                   and r["seed"] == run["seed"] and not model_sets(r["sets"])), None)
     if target is None or "curve" not in run:
         return None
     return next((sent for _, sent, ppl in run["curve"] if ppl <= target), None)

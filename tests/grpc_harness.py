@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,7 +18,6 @@ from typing import Callable
 import cli_forkserver
 from skyfed.runtime.grpc.certs import make_dev_certs
 
-CLI = [sys.executable, "-m", "skyfed"]
 SRC = str(Path(__file__).resolve().parents[1] / "src")  # the tree under test, whatever the cwd
 SMOKE = ["--preset", "smoke", "--set", "threads=1"]
 

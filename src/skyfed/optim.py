@@ -48,6 +48,14 @@ def resolve_impl(impl: str, params: list[torch.Tensor]) -> str:
     return impl
 
 
+def decay_groups(params: Iterable[torch.Tensor], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's parameter groups as skyfed trains: `weight_decay` on matrices (two or more
+    dimensions), none on vectors (biases, norms)."""
+    params = list(params)
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 def make_adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], impl: str) -> tuple[torch.optim.AdamW, str]:
     """AdamW over the parameter `groups` in implementation `impl`; returns it and the
     implementation chosen (fused, foreach or plain)."""

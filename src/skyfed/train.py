@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from skyfed.compiled_loss import StepRunner, compile_enabled
 from skyfed.config import TrainConfig
-from skyfed.optim import keep_impl, make_adamw
+from skyfed.optim import decay_groups, keep_impl, make_adamw
 from skyfed.precision import autocast, autocast_dtype
 
 
@@ -114,9 +114,7 @@ class LocalTrainer:
         self.step = int(state["step"])
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = decay_groups((p for p in self.model.parameters() if p.requires_grad), self.cfg.weight_decay)
         optimizer, self.optimizer_impl = make_adamw(groups, self.cfg.lr, self.cfg.betas, self.cfg.optimizer_impl)
         return optimizer
 

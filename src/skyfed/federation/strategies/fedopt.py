@@ -34,7 +34,7 @@ from skyfed.federation.strategies.base import AggregateResult, Params
 from skyfed.federation.strategies.mean import MeanStrategy
 from skyfed.federation.strategies.params import bad, choice, flag, number, pair
 from skyfed.federation.strategies.yogi import Yogi
-from skyfed.optim import make_adamw
+from skyfed.optim import decay_groups, make_adamw
 from skyfed.train import lr_at
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "yogi", "adagrad")
@@ -216,9 +216,7 @@ class FedSGD(FedOpt):
         if self.optimizer_name == "sgd":
             return super()._make_optimizer(tensors)
         tc = self.train_config
-        groups = [{"params": [t for t in tensors if t.dim() >= 2], "weight_decay": tc.weight_decay},
-                  {"params": [t for t in tensors if t.dim() < 2], "weight_decay": 0.0}]
-        optimizer, _ = make_adamw([g for g in groups if g["params"]], tc.lr, tc.betas, tc.optimizer_impl)
+        optimizer, _ = make_adamw(decay_groups(tensors, tc.weight_decay), tc.lr, tc.betas, tc.optimizer_impl)
         return optimizer
 
     def _before_step(self, round: int) -> None:
