@@ -9,8 +9,8 @@ at a time, each added to bench/results/frontier.json as it finishes.
 A name is a file of configs/frontier (without .yaml) or a path. Each run goes through
 skyfed.api.run, the function behind `skyfed run CONFIG [--baseline sync] --set ...`.
 Per config, overrides, baseline and seed the file holds: final val_ppl (the whole
-validation split), total bytes up + down, the curve (round, bytes so far, val_ppl at each
-evaluated round, on the run's evaluation batches), wall time, the load average before and
+validation split), total bytes up + down, the curve (round, bytes so far, val_ppl and the
+simulated clock's seconds at each evaluated round, on the run's evaluation batches), wall time, the load average before and
 after, the command, and the config file's SHA-256 and text as run (a run of an earlier
 version of a file stays, marked `current: false`). Ratios are recomputed over the whole file at
 every write: ppl / fedavg-fp32 and ppl / sync (same seed, no overrides, current file),
@@ -85,11 +85,11 @@ def run_one(path: Path, baseline: str | None, seed: int, sets: list[str], runs_d
                             out=runs_dir / f"{path.stem}-{baseline or 'fed'}-s{seed}-{int(time.time())}")
     wall = time.perf_counter() - started
     s = result.summary
-    sent, curve = 0, []  # (round, bytes up + down so far, val_ppl) at each evaluated round
+    sent, curve = 0, []  # (round, bytes up + down so far, val_ppl, simulated s) at each evaluated round
     for row in result.metrics():
         sent += row.get("bytes_up", 0) + row.get("bytes_down", 0)
         if row.get("val_ppl") is not None:
-            curve.append([row["round"], sent, row["val_ppl"]])
+            curve.append([row["round"], sent, row["val_ppl"], row.get("sim_time_s")])
     return {
         "config": config, "baseline": baseline, "seed": seed, "sets": sets,
         "config_sha256": config_sha, "config_text": config_text,

@@ -1,10 +1,16 @@
-"""The markdown table of issue 17's frontier runs, from bench/results/frontier.json
+"""The markdown tables of issue 17's frontier runs, from bench/results/frontier.json
 (written by bench/frontier.py): one row per current config, baseline and overrides,
-both seeds. "MB to fedavg-fp32's ppl" is the communication a run needed to reach
-fedavg-fp32's final perplexity (same seed): the bytes so far at the first evaluated round
-at or below it (the paper's "GB" reading), for runs that recorded their curve.
+both seeds.
 
-    python bench/frontier_table.py                 # prints the table docs/results.md holds
+- The bytes table: "MB to fedavg-fp32's ppl" is the communication a run needed to reach
+  fedavg-fp32's final perplexity (same seed): the bytes so far at the first evaluated
+  round at or below it (the paper's "GB" reading), for runs that recorded their curve.
+- The slow-cloud table (goal 4; configs/frontier/slow-cloud.yaml and the runs compared
+  with it): "simulated s to FedAvg's ppl" is the simulated clock at the first evaluated
+  round whose perplexity is at or below the last evaluated round of slow-cloud.yaml's
+  FedAvg (same seed, the same evaluation batches), and its ratio to FedAvg's whole run.
+
+    python bench/frontier_table.py                 # prints the tables docs/results.md holds
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from frontier import REFERENCE, model_sets  # noqa: E402
+
+SLOW = "configs/frontier/slow-cloud.yaml"  # goal 4's FedAvg, with azure 4x slower
+SLOW_SETTING = {SLOW, "configs/frontier/async.yaml"}  # the runs timed against it
 
 
 def label(run: dict) -> str:
@@ -31,22 +40,49 @@ def bytes_to_reach(run: dict, runs: list[dict]) -> float | None:
                    and r["seed"] == run["seed"] and not model_sets(r["sets"])), None)
     if target is None or "curve" not in run:
         return None
-    return next((sent for _, sent, ppl in run["curve"] if ppl <= target), None)
+    return next((point[1] for point in run["curve"] if point[2] <= target), None)
+
+
+def slow_reference(run: dict, runs: list[dict]) -> dict | None:
+    """slow-cloud.yaml's FedAvg run of `run`'s seed (current, no overrides), if it has a timed curve."""
+    return next((r for r in runs if r["config"] == SLOW and r.get("current", True) and r["baseline"] is None
+                 and r["seed"] == run["seed"] and not model_sets(r["sets"]) and len(r.get("curve", [[]])[-1]) > 3), None)
+
+
+def time_to_reach(run: dict, runs: list[dict]) -> float | None:
+    """Simulated seconds until `run` first evaluated at or below slow-cloud FedAvg's last evaluated ppl."""
+    ref = slow_reference(run, runs)
+    if ref is None or len(run.get("curve", [[]])[-1]) <= 3:
+        return None
+    target = ref["curve"][-1][2]
+    return next((point[3] for point in run["curve"] if point[2] <= target), None)
+
+
+def grouped(runs: list[dict], slow: bool) -> dict[str, list[dict]]:
+    """Current runs by row label, in the file's order of first appearance, seeds in order:
+    those of the slow-cloud setting, or all others."""
+    rows: dict[str, list[dict]] = {}
+    for run in runs:
+        if run.get("current", True) and (run["config"] in SLOW_SETTING) == slow:
+            rows.setdefault(label(run), []).append(run)
+    for seeds in rows.values():
+        seeds.sort(key=lambda r: r["seed"])
+    return rows
+
+
+def joined(values: list, fmt: str) -> str:
+    return " / ".join("-" if v is None else format(v, fmt) for v in values)
 
 
 def table(runs: list[dict]) -> str:
-    """Rows in the file's order of first appearance; each cell lists seed 0, then seed 1."""
-    rows: dict[str, list[dict]] = {}
-    for run in runs:
-        if run.get("current", True):
-            rows.setdefault(label(run), []).append(run)
+    """The bytes table; each cell lists seed 0, then seed 1."""
+    rows = grouped(runs, slow=False)
     lines = [
         "| run | seeds | val ppl | ppl / fedavg-fp32 | ppl / sync | total MB (up + down) | fewer bytes than fedavg-fp32 "
         "| MB to fedavg-fp32's ppl |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, seeds in rows.items():
-        seeds.sort(key=lambda r: r["seed"])
 
         def cells(key: str, fmt: str) -> str:
             values = [r.get(key) for r in seeds]
@@ -63,11 +99,35 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def time_table(runs: list[dict]) -> str:
+    """The slow-cloud table (goal 4); each cell lists seed 0, then seed 1."""
+    lines = [
+        "| run | seeds | val ppl | ppl / slow-cloud FedAvg | simulated s | simulated s to FedAvg's ppl "
+        "| that / FedAvg's simulated s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, seeds in grouped(runs, slow=True).items():
+        refs = [slow_reference(r, runs) for r in seeds]
+        reach = [time_to_reach(r, runs) for r in seeds]
+        lines.append(
+            f"| {name} | {', '.join(str(r['seed']) for r in seeds)} | {joined([r['val_ppl'] for r in seeds], '.2f')} "
+            f"| {joined([r['val_ppl'] / f['val_ppl'] if f else None for r, f in zip(seeds, refs)], '.3f')} "
+            f"| {joined([r['curve'][-1][3] if len(r.get('curve', [[]])[-1]) > 3 else None for r in seeds], '.2f')} "
+            f"| {joined(reach, '.2f')} "
+            f"| {joined([t / f['curve'][-1][3] if t is not None and f else None for t, f in zip(reach, refs)], '.3f')} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "frontier.json")
     args = ap.parse_args()
-    print(table(json.loads(args.results.read_text())["runs"]))
+    runs = json.loads(args.results.read_text())["runs"]
+    print(table(runs))
+    if any(r["config"] in SLOW_SETTING for r in runs):
+        print()
+        print(time_table(runs))
 
 
 if __name__ == "__main__":

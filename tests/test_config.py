@@ -36,6 +36,9 @@ def test_yaml_file_merges_over_preset(tmp_path):
         (["train.lr=-1"], "train.lr: Input should be greater than 0"),
         (["federation.clients=[{name: a}, {name: a}]"], "client names must be unique"),
         (["rounds"], "expected KEY=VALUE"),
+        (["federation.clients=[{name: a, local_steps: 0}]"], "local_steps: Input should be greater than or equal to 1"),
+        (["security.secure_aggregation=true", "federation.strategy.name=fedbuff", "federation.steps_by_speed=true"],
+         "security.secure_aggregation with fedbuff needs equal local steps"),
     ],
 )
 def test_bad_config_names_the_key(overrides, expected):

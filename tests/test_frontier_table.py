@@ -1,10 +1,11 @@
-"""bench/frontier_table.py: row labels and the bytes a run needed to reach fedavg-fp32's ppl."""
+"""bench/frontier_table.py: row labels, the bytes a run needed to reach fedavg-fp32's ppl, and the
+simulated time a slow-cloud run needed to reach FedAvg's."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from frontier_table import bytes_to_reach, label, table  # noqa: E402
+from frontier_table import bytes_to_reach, label, table, time_table, time_to_reach  # noqa: E402
 
 
 def entry(config, seed, ppl, sets=("threads=1",), baseline=None, curve=None, nbytes=1_000_000):
@@ -32,3 +33,19 @@ def test_overrides_other_than_threads_make_their_own_row():
     assert label(entry("fedavg-fp32", 0, 100.0, baseline="sync")) == "fedavg-fp32 --baseline sync"
     rows = table(runs).splitlines()[2:]
     assert len(rows) == 2 and rows[1].startswith("| quality --set compression.uplink=[] | 0 | 110.00 |")
+
+
+def test_time_to_reach_is_timed_against_slow_cloud_fedavgs_last_evaluated_round():
+    fedavg = entry("slow-cloud", 0, 146.0, curve=[[0, 10, 400.0, 2.0], [9, 100, 150.0, 20.0]])
+    asynchronous = entry("async", 0, 140.0, curve=[[0, 5, 300.0, 0.5], [1, 10, 151.0, 3.0], [2, 15, 149.0, 6.0]])
+    other_seed = entry("async", 1, 140.0, curve=[[0, 5, 100.0, 0.5]])
+    old = entry("async", 0, 140.0, curve=[[0, 5, 100.0]])  # recorded before curves had the clock
+    runs = [fedavg, asynchronous, other_seed, old]
+    assert time_to_reach(asynchronous, runs) == 6.0  # first point at or below 150 (not the final 146)
+    assert time_to_reach(fedavg, runs) == 20.0
+    assert time_to_reach(other_seed, runs) is None  # no FedAvg of seed 1
+    assert time_to_reach(old, runs) is None
+    rows = time_table([fedavg, asynchronous]).splitlines()[2:]
+    assert rows == ["| slow-cloud | 0 | 146.00 | 1.000 | 20.00 | 20.00 | 1.000 |",
+                    "| async | 0 | 140.00 | 0.959 | 6.00 | 6.00 | 0.300 |"]
+    assert "slow-cloud" not in table(runs) and "async" not in table(runs)  # not in the bytes table

@@ -140,6 +140,8 @@ class ClientSpec(Section):
     # LoRA: this client's adapter rank, at most model.peft.r (HetLoRA, skyfed.lora_ranks); None = model.peft.r
     lora_r: int | None = Field(None, ge=1)
     degrade: DegradeSpec | None = None  # e.g. {kind: shuffle, fraction: 1.0}: this client's training text, degraded
+    # this client's local steps per task; None = train.local_steps (or by speed, federation.steps_by_speed)
+    local_steps: int | None = Field(None, ge=1)
 
 
 class StrategyConfig(Section):
@@ -158,6 +160,9 @@ class FederationConfig(Section):
     num_clients: int | None = Field(None, ge=1)
     fraction: float = Field(1.0, gt=0, le=1)
     min_clients: int = Field(1, ge=1)
+    # local steps proportional to each cloud's throughput (the fastest takes train.local_steps):
+    # tasks take equal compute time (skyfed.federation.steps)
+    steps_by_speed: bool = False
     strategy: StrategyConfig = StrategyConfig()
     max_update_bytes: int = Field(8 * 2**30, ge=1)
     round_timeout_s: float | None = Field(None, gt=0)  # deadline for a round's updates

@@ -23,6 +23,7 @@ from skyfed.federation.checkpoint import Checkpointer
 from skyfed.federation.loops.async_ import AsyncLoop
 from skyfed.federation.loops.sync import SyncLoop, select_clients
 from skyfed.federation.server import ServerCore
+from skyfed.federation.steps import client_steps
 from skyfed.federation.strategies import Strategy
 from skyfed.federation.transport import Transport
 from skyfed.federation.window import EventSink, Evaluator, WindowCloser
@@ -53,6 +54,7 @@ class Engine:
             model, param_names, strategy, cfg.compression, cfg.federation.max_update_bytes, tc.batch_size * tc.seq_len
         )
         self.core.downlink.clients = {c.name for c in cfg.federation.clients}  # to know when none needs the initial model
+        self.core.local_steps = client_steps(cfg, sum(p.numel() for p in model.parameters()))
         from skyfed.lora_server import lora_server
 
         self.core.lora = lora_server(cfg, model, self.core.spec, strategy)  # LoRA ranks per client, exact aggregation

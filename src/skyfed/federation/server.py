@@ -114,6 +114,7 @@ class ServerCore:
         self.spec = {n: TensorSpec(tuple(t.shape), torch.float32) for n, t in self.params.items()}
         self.downlink = Downlink.from_config(compression, self.spec)
         self.version = 0
+        self.local_steps: dict[str, int] = {}  # each client's steps per task, when not train.local_steps (the engine's)
         self.totals = {"bytes_up": 0, "bytes_down": 0}
         # Fold each update as it arrives (the module docstring); False keeps a list (same result).
         self.streaming = isinstance(strategy, MeanStrategy)

@@ -39,8 +39,9 @@ from skyfed.config import ExperimentConfig
 from skyfed.federation.client import FederatedClient
 from skyfed.federation.messages import ClientResult, TrainTask
 from skyfed.heap import release_free_memory
+from skyfed.model import num_parameters
 from skyfed.runtime.client_state import ClientStateFiles, External, load_state, part_path, save_state
-from skyfed.runtime.setup import client_seed, device_for, make_client
+from skyfed.runtime.setup import client_schedules, client_seed, device_for, make_client
 
 Step = tuple[str, int, int, float]  # client, step, steps, loss (FederatedClient.on_step)
 # A model at least this large (fp32 bytes of its trainable parameters) has its state's parts
@@ -73,6 +74,7 @@ class ClientReplica:
         trainable = (p for p in self.client.trainer.model.parameters() if p.requires_grad)
         self.write_apart = sum(p.numel() * 4 for p in trainable) >= LARGE_BYTES
         self.client.drop_state()
+        self.schedule = client_schedules(cfg, num_parameters(self.client.trainer.model))  # per client
         self.steps: list[Step] = []
         self._apart: dict[str, Path] = {}  # parts of the current client's state written apart
 
@@ -86,6 +88,7 @@ class ClientReplica:
         beside it before and after training when the model is large (the module docstring)."""
         client = self.client
         client.name, client.tokens, client.seed = name, tokens, client_seed(self.cfg, index)
+        client.trainer.total_steps = self.schedule.get(name, client.trainer.total_steps)
         if isinstance(state, (str, Path)):
             state = load_state(state)  # copy-on-write tensors, ours to train in
         elif state is None and self.initial_path is not None:

@@ -20,7 +20,7 @@ from skyfed.data.shards import TokenShard, tokenize_documents
 from skyfed.errors import DataError
 from skyfed.federation.client import FederatedClient
 from skyfed.security.client import client_privacy  # skyfed.security hook
-from skyfed.model import build_model, federated_parameter_names, resolve_device
+from skyfed.model import build_model, federated_parameter_names, num_parameters, resolve_device
 from skyfed.runtime.pretrained import experiment_tokenizer  # finetune
 from skyfed.train import EvalResult, LocalTrainer, evaluate, unigram_perplexity
 
@@ -124,14 +124,23 @@ def client_seed(cfg: ExperimentConfig, index: int) -> int:
     return cfg.seed * 1000 + index
 
 
+def client_schedules(cfg: ExperimentConfig, num_params: int) -> dict[str, int]:
+    """The length of each client's learning-rate schedule (skyfed.federation.steps)."""
+    from skyfed.federation.steps import client_steps, schedule_steps
+    from skyfed.federation.strategies import STRATEGIES
+
+    strategy = STRATEGIES.get(cfg.federation.strategy.name)
+    return schedule_steps(cfg, client_steps(cfg, num_params), bool(strategy is not None and strategy.asynchronous))
+
+
 def make_client(
     cfg: ExperimentConfig, name: str, index: int, tokens: np.ndarray, tokenizer, device: torch.device
 ) -> FederatedClient:
     from skyfed.lora_ranks import client_rank
 
     model = new_model(cfg, tokenizer, client_rank(cfg, name))
-    total_steps = cfg.federation.rounds * cfg.train.local_steps
-    trainer = LocalTrainer(model, cfg.train, device, total_steps)
+    schedule = client_schedules(cfg, num_parameters(model)).get(name, cfg.federation.rounds * cfg.train.local_steps)
+    trainer = LocalTrainer(model, cfg.train, device, schedule)
     client = FederatedClient(
         name, tokens, trainer, federated_parameter_names(model), seed=client_seed(cfg, index),
         max_payload_bytes=cfg.federation.max_update_bytes, compression=cfg.compression,

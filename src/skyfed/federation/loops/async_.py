@@ -15,10 +15,12 @@ server core's public methods (`task`, `accept`, `publish`, `settle`).
         else the strategy takes it and may publish a new version
         send that client a new task from the current model (while budget remains)
 
-Budget: the same local training as the synchronous loop, rounds x clients tasks.
-Every `len(clients)` received results (one synchronous round's worth) the window
-closer evaluates, writes a metrics.jsonl line (plus version and staleness statistics)
-and checkpoints. The checkpoint holds the tasks in flight; a transport that restored
+Budget: the local steps of the synchronous loop with equal steps, rounds x clients x
+train.local_steps (`skyfed.federation.steps`); each task has its client's own steps
+(`federation.steps_by_speed`, `clients[].local_steps`), the last ones cut to what is
+left. Every time the received steps pass one synchronous round's worth (clients x
+train.local_steps) the window closer evaluates, writes a metrics.jsonl line (plus
+version and staleness statistics) and checkpoints. The checkpoint holds the tasks in flight; a transport that restored
 its own queue (the simulation) continues exactly, any other (gRPC) sends them again.
 """
 
@@ -36,6 +38,7 @@ from skyfed.config import ExperimentConfig
 from skyfed.errors import SkyfedError
 from skyfed.federation.messages import ClientResult
 from skyfed.federation.server import Rejection, ServerCore
+from skyfed.federation.steps import step_budget
 from skyfed.federation.strategies.base import AggregateResult, AsyncStrategy, Params
 from skyfed.federation.transport import Transport
 from skyfed.federation.window import Window, WindowCloser
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 class InFlight:
     task: int  # global task number (TrainTask.round)
     version: int  # the model version the task carried
+    steps: int  # its local steps
 
 
 class AsyncLoop:
@@ -59,9 +63,12 @@ class AsyncLoop:
         self.closer = closer
         self.cfg = cfg
         self.clients = transport.client_names()
-        self.budget = cfg.federation.rounds * len(self.clients)
-        self.received = 0
-        self.sent = 0
+        self.budget = step_budget(cfg)  # local steps
+        self.window_steps = len(self.clients) * cfg.train.local_steps  # one synchronous round's worth
+        self.received = 0  # results
+        self.sent = 0  # tasks (the next task's number)
+        self.received_steps = 0
+        self.sent_steps = 0
         self.in_flight: dict[str, InFlight] = {}
         self.bases: dict[int, Params] = {}  # versions that in-flight tasks started from
         self.idle: list[str] = []  # clients that were unreachable when due a task
@@ -74,34 +81,36 @@ class AsyncLoop:
 
     @property
     def next_round(self) -> int:
-        return self.received // len(self.clients)
+        return self.received_steps // self.window_steps
 
     # ------------------------------------------------------------ sending
 
     def dispatch(self, client: str) -> bool:
         """Send `client` a task from the current model; False if it is unreachable now."""
         core, w = self.core, self.window
-        round_like = self.sent // len(self.clients)
+        round_like = self.sent_steps // self.window_steps
         if not self.transport.reachable(client, round_like):
             self.idle.append(client)
             w.unreachable.append(client)
             return False
         core.settle([], [])  # the model may have changed since the last encoding
-        task = core.task(client, self.sent, self.cfg.train.local_steps, self.strategy.client_options(round_like))
-        self.in_flight[client] = InFlight(self.sent, core.version)
+        steps = min(core.local_steps.get(client, self.cfg.train.local_steps), self.budget - self.sent_steps)
+        task = core.task(client, self.sent, steps, self.strategy.client_options(round_like))
+        self.in_flight[client] = InFlight(self.sent, core.version, steps)
         if self.strategy.needs_base_params:
             self.bases[core.version] = core.params  # replaced on publish, never changed in place
         w.bytes_down[client] += len(task.payload)
         w.dispatched += 1
         w.fp32_down += core.fp32_bytes(client)
         self.sent += 1
+        self.sent_steps += steps
         self.transport.send(client, task)
         return True
 
     def retry_idle(self) -> None:
         idle, self.idle = self.idle, []
         for client in idle:
-            if self.sent < self.budget and client not in self.in_flight:
+            if self.sent_steps < self.budget and client not in self.in_flight:
                 self.dispatch(client)
 
     def _prune_bases(self) -> None:
@@ -131,11 +140,12 @@ class AsyncLoop:
             return False
         del self.in_flight[result.client]
         self.received += 1
+        self.received_steps += flight.steps
         self.arrivals.append(result.client)
         w.compute_s[result.client] += result.compute_s
         w.meta[result.client] = dict(result.meta)
         staleness = core.version - flight.version
-        got = core.accept(result, flight.task, flight.version, self.cfg.train.local_steps)
+        got = core.accept(result, flight.task, flight.version, flight.steps)
         result.payload = None
         if isinstance(got, Rejection):
             core.settle([result.client], [])  # its model state is uncertain: whole model next time
@@ -176,12 +186,13 @@ class AsyncLoop:
         for p in self.publications:
             for c, x in p.get("weights", {}).items():
                 weights[c] += x / max(1, len(self.publications))
-        w.round = (self.received - 1) // len(self.clients)
         w.clients = list(dict.fromkeys(self.arrivals))
         w.aggregated = bool(self.publications)
         w.extra.update({
             "mode": "async",
             "updates": self.received,
+            "local_steps_done": self.received_steps,  # of the budget's `local_steps_budget`
+            "local_steps_budget": self.budget,
             "arrivals": self.arrivals,
             "staleness": {
                 "mean": float(st.mean()) if st.size else None,
@@ -199,41 +210,44 @@ class AsyncLoop:
     # ------------------------------------------------------------ loop
 
     def run(self) -> None:
-        n = len(self.clients)
-        if self.received >= self.budget:
+        if self.received_steps >= self.budget:
             return
         self._open()
         if self.received == 0 or self.resend:  # a fresh start, or tasks lost with the transport
             self.in_flight, self.bases, self.idle, self.sent, self.resend = {}, {}, [], self.received, False
+            self.sent_steps = self.received_steps
             for client in self.clients:
-                if self.sent < self.budget:
+                if self.sent_steps < self.budget:
                     self.dispatch(client)
         else:  # resumed with the transport's queue: continue exactly where the window closed
             self.retry_idle()
         timeout = self.cfg.federation.round_timeout_s
-        while self.received < self.budget:
+        while self.received_steps < self.budget:
             if not self.in_flight:
                 self.retry_idle()
                 if not self.in_flight:
-                    log.error("no client is reachable (%d of %d updates received); stopping", self.received, self.budget)
+                    log.error("no client is reachable (%d of %d local steps received); stopping",
+                              self.received_steps, self.budget)
                     break
             result = self.transport.receive(timeout)
             if result is None:
-                log.error("no update arrived within %s s (%d of %d received); stopping", timeout, self.received, self.budget)
+                log.error("no update arrived within %s s (%d of %d local steps received); stopping",
+                          timeout, self.received_steps, self.budget)
                 break
+            window = self.next_round
             if not self.handle(result):
                 continue
-            if self.sent < self.budget:
+            if self.sent_steps < self.budget:
                 self.dispatch(result.client)
             self._prune_bases()
-            if self.received == self.budget:
+            if self.received_steps == self.budget:
                 self._flush()
-            if self.received % n == 0:
+            if self.next_round > window:  # one synchronous round's worth of steps arrived
                 self._close()
-                if self.received < self.budget:
+                if self.received_steps < self.budget:
                     self._open()
                     self.retry_idle()
-        if self.received < self.budget:  # stopped early: keep what arrived
+        if self.received_steps < self.budget:  # stopped early: keep what arrived
             self._flush()
             if self.arrivals:
                 self._close()
@@ -249,13 +263,19 @@ class AsyncLoop:
         return {
             "received": self.received,
             "sent": self.sent,
-            "in_flight": {c: (f.task, f.version) for c, f in self.in_flight.items()},
+            "received_steps": self.received_steps,
+            "sent_steps": self.sent_steps,
+            "in_flight": {c: (f.task, f.version, f.steps) for c, f in self.in_flight.items()},
             "bases": self.bases,
             "idle": list(self.idle),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.received, self.sent = int(state["received"]), int(state["sent"])
-        self.in_flight = {c: InFlight(t, v) for c, (t, v) in state["in_flight"].items()}
+        steps = self.cfg.train.local_steps  # a checkpoint from before per-client steps: all tasks had these
+        self.received_steps = int(state.get("received_steps", self.received * steps))
+        self.sent_steps = int(state.get("sent_steps", self.sent * steps))
+        self.in_flight = {c: InFlight(*flight) if len(flight) == 3 else InFlight(*flight, steps)
+                          for c, flight in state["in_flight"].items()}
         self.bases = dict(state["bases"])
         self.idle = list(state["idle"])

@@ -68,7 +68,8 @@ class SyncLoop:
         extra: dict[str, dict[str, Any]] = {c: {} for c in reached}
         if self.secure is not None:  # keys and shares first; who completes set-up trains
             extra = self._setup_secure(w, reached)
-        tasks = {c: core.task(c, r, self.cfg.train.local_steps, {**options, **extra[c]}) for c in reached if c in extra}
+        steps = {c: core.local_steps.get(c, self.cfg.train.local_steps) for c in reached}
+        tasks = {c: core.task(c, r, steps[c], {**options, **extra[c]}) for c in reached if c in extra}
         for client, task in tasks.items():
             self.transport.send(client, task)
             w.bytes_down[client] = len(task.payload)

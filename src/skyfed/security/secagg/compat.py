@@ -98,9 +98,32 @@ def check_config(cfg: Any) -> None:
             "security.secure_aggregation with fedavg cannot exclude clients: each client weights its own share of "
             "the secure sum; drop federation.strategy.params.exclude (an oracle baseline for simulation)"
         )
+    check_local_steps(cfg)
     sa, n = cfg.security.secagg, len(cfg.federation.clients)
     if n < 2:
         raise ConfigError("security.secure_aggregation needs at least 2 clients (3 or more to hide anyone's update)")
     group = n if sa.neighbours is None or sa.neighbours >= n - 1 else sa.neighbours + 1
     if sa.threshold is not None and sa.threshold > group:
         raise ConfigError(f"security.secagg.threshold {sa.threshold} exceeds the share-group size {group} ({n} clients)")
+
+
+def check_local_steps(cfg: Any) -> None:
+    """Per-client local steps with secure aggregation: the secure sum bounds every update's
+    tokens by train.local_steps' (its weight quantization), and the asynchronous secure
+    buffer counts whole tasks."""
+    from skyfed.federation.strategies import STRATEGIES
+
+    fed, steps = cfg.federation, cfg.train.local_steps
+    over = [c.name for c in fed.clients if c.local_steps is not None and c.local_steps > steps]
+    if over:
+        raise ConfigError(
+            f"security.secure_aggregation: federation.clients {over} take more local_steps than train.local_steps "
+            f"({steps}), the secure sum's bound on an update's tokens; raise train.local_steps"
+        )
+    uneven = fed.steps_by_speed or any(c.local_steps is not None for c in fed.clients)
+    strategy = STRATEGIES.get(fed.strategy.name)
+    if uneven and strategy is not None and strategy.asynchronous:
+        raise ConfigError(
+            f"security.secure_aggregation with {fed.strategy.name} needs equal local steps (its secure buffer counts "
+            "tasks); drop federation.steps_by_speed and clients[].local_steps"
+        )
