@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU wheel of PyTorch is pinned so pip never pulls a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup run test test-fast paper bench clean proto fuzz
+.PHONY: setup run test test-fast paper bench clean proto fuzz tables
 
 # Independent prerequisites build side by side: `make test` sets up .venv and the SkyPilot
 # venv at once (most of each is one pip process unpacking and compiling on one core).
@@ -41,6 +41,11 @@ test-fast: setup
 # The paper's three experiments (48 runs, ~45 min on 2 cores) into runs/suite-paper/; docs/results.md.
 paper: setup
 	$(BIN)/skyfed suite paper
+
+# Rewrite the generated tables in docs/ (between <!-- table: NAME --> markers) from the
+# committed bench/results JSON files (bench/doc_tables.py; --check only compares).
+tables: setup
+	PYTHONPATH=src $(BIN)/python bench/doc_tables.py
 
 # 10^5 mutated inputs per target through the update decoder, the client's model receiver and
 # the gRPC PushUpdate handler (bench/fuzz.py); writes bench/results/fuzz.json. ARGS="--n 2000" for a short run.

@@ -13,10 +13,13 @@ Variants (all on the same five clouds, shards and degraded text):
   fedavg   degraded-oracle.yaml with exclude=[]: every cloud, token weights
   oracle   degraded-oracle.yaml: FedAvg of the three clean clouds only
 
-Writes bench/results/degraded[_tiny].json: per variant and seed the final validation
-perplexity (whole split), its ratio to the oracle's, the per-round strategy weights and
+Adds each run to bench/results/degraded[_tiny].json as it finishes (replacing an earlier
+run of the same variant, seed and overrides), so runs of separate invocations, one at a
+time or side by side, end up in one file: per variant and seed the final validation
+perplexity (whole split), its ratio to the oracle's of the same seed and overrides, the per-round strategy weights and
 their mean, the dynamic strategy's scores per round, the clean clouds' weight spread (max / min of the mean weights), the
-degraded clouds' mean total weight, with the command and load average.
+degraded clouds' mean total weight, with the command that reproduces the run and the load
+average.
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from paired_runs import locked  # noqa: E402
 FRONTIER = ROOT / "configs" / "frontier"
 TINY = ["model.preset=gpt2-micro", "tokenizer.vocab_size=512", "data.max_train_tokens=100000",
         "data.max_valid_tokens=8000", "train.local_steps=10", "train.batch_size=4", "train.seq_len=32",
         "train.warmup_steps=2", "federation.rounds=4", "eval.max_batches=2", "eval.batch_size=8"]
 VARIANTS = {
-    "robust": ("degraded.yaml", ["federation.strategy.params.server_tokens=1024"]),
+    "robust": ("degraded.yaml", []),
     "robust-holdout": ("degraded.yaml", ["federation.strategy.params.score=holdout"]),
     "softmax": ("degraded.yaml", ["federation.strategy.params={}"]),
     "fedavg": ("degraded-oracle.yaml", ["federation.strategy.params.exclude=[]"]),
@@ -78,6 +83,25 @@ def result_clients(run_dir: Path):
     return load_config(run_dir / "config.yaml").federation.clients
 
 
+def add_run(out: Path, rec: dict) -> dict:
+    """Put `rec` into the results file `out` in place of an earlier run of the same variant,
+    seed and overrides, recompute every run's ratio to the oracle of its seed and overrides
+    (those beyond the variant's own), and write it."""
+    with locked(out):
+        results = json.loads(out.read_text()) if out.exists() else {"benchmark": "degraded", "runs": []}
+        key = lambda r: (r["variant"], r["seed"], r["sets"])  # noqa: E731
+        runs = [r for r in results["runs"] if key(r) != key(rec)] + [rec]
+        for r in runs:
+            base = r["sets"][: len(r["sets"]) - len(VARIANTS[r["variant"]][1])]
+            oracle = next((o for o in runs if o["variant"] == "oracle" and o["seed"] == r["seed"] and o["sets"] == base),
+                          None)
+            r["ppl_vs_oracle"] = r["val_ppl"] / oracle["val_ppl"] if oracle else None
+        results["runs"] = runs
+        results["command"] = " && ".join(dict.fromkeys(r["command"] for r in runs if r.get("command")))
+        out.write_text(json.dumps(results, indent=1) + "\n")
+        return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="smoke-sized runs (gpt2-micro, 4 rounds x 10 steps)")
@@ -87,27 +111,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/degraded[_tiny].json")
     args = ap.parse_args(argv)
     out = args.out or ROOT / "bench" / "results" / ("degraded_tiny.json" if args.tiny else "degraded.json")
-    load_start = os.getloadavg()
-    runs = []
+    results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             sets = [*(TINY if args.tiny else []), "threads=1", f"seed={seed}", *args.sets]
             for name in args.variants:
+                load_start = os.getloadavg()
                 rec = {"seed": seed, **run_variant(name, sets, Path(tmp) / f"{name}-{seed}")}
-                runs.append(rec)
+                rec["loadavg_start"], rec["loadavg_end"] = load_start, os.getloadavg()
+                rec["command"] = "python bench/degraded.py " + " ".join(
+                    [*(["--tiny"] if args.tiny else []), "--seeds", str(seed), "--variants", name,
+                     *(f"--set {s}" for s in args.sets), *(["--out", str(args.out)] if args.out else [])])
+                results = add_run(out, rec)
                 print(json.dumps({k: rec[k] for k in ("variant", "seed", "val_ppl", "mean_weights", "wall_s")}), flush=True)
-    for rec in runs:
-        oracle = next((r for r in runs if r["variant"] == "oracle" and r["seed"] == rec["seed"]), None)
-        rec["ppl_vs_oracle"] = rec["val_ppl"] / oracle["val_ppl"] if oracle else None
-    results = {
-        "benchmark": "degraded",
-        "command": "python bench/degraded.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "loadavg_start": load_start,
-        "loadavg_end": os.getloadavg(),
-        "runs": runs,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
     return results
 
 

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paired_runs import write_results  # noqa: E402
+from paired_runs import locked, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FRONTIER = ROOT / "configs" / "frontier"
@@ -137,10 +137,11 @@ def annotate(runs: list[dict]) -> None:
 
 
 def add(out: Path, entry: dict) -> dict:
-    results = json.loads(out.read_text()) if out.exists() else {"benchmark": "frontier", "runs": []}
-    results["runs"] = [r for r in results["runs"] if key(r) != key(entry)] + [entry]
-    annotate(results["runs"])
-    return write_results(out, results)
+    with locked(out):
+        results = json.loads(out.read_text()) if out.exists() else {"benchmark": "frontier", "runs": []}
+        results["runs"] = [r for r in results["runs"] if key(r) != key(entry)] + [entry]
+        annotate(results["runs"])
+        return write_results(out, results)
 
 
 def main() -> None:

@@ -5,6 +5,8 @@ wrote its entries."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import time
 from pathlib import Path
@@ -24,6 +26,15 @@ def run_one(preset: str, sets: list[str], out: Path) -> dict:
     params, _ = load_checkpoint(run.path / "checkpoint")
     rows = [{k: v for k, v in r.items() if k not in TIMING} for r in run.read_metrics()]
     return {"params": params, "rows": rows, "summary": summary, "wall_s": time.perf_counter() - started}
+
+
+@contextlib.contextmanager
+def locked(out: Path):
+    """Hold an exclusive lock on OUT.lock: runs side by side read, change and write `out` one at a time."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def write_results(out: Path, results: dict) -> dict:

@@ -1,0 +1,62 @@
+"""The markdown table of issue 17's degraded-clouds runs (goal 3), from
+bench/results/degraded.json (written by bench/degraded.py): one row per variant and extra
+overrides, its seeds side by side.
+
+Columns: the final perplexity on the whole (clean) validation split, its ratio to the
+oracle of the same seed (FedAvg of the three clean clouds), the clean clouds' weight
+spread (largest over smallest of their mean weights over the rounds; 1 is equal) and the
+two degraded clouds' mean total weight.
+
+    python bench/degraded_table.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from degraded import VARIANTS  # noqa: E402
+
+
+def label(run: dict) -> str:
+    """The variant, with the overrides it was run with beyond the common ones."""
+    extra = [s for s in run["sets"] if not s.startswith(("threads=", "seed="))]
+    own = VARIANTS[run["variant"]][1]
+    extra = extra[: len(extra) - len(own)] if own and extra[-len(own):] == own else extra
+    return " ".join([run["variant"], *(f"--set {s}" for s in extra)])
+
+
+def table(runs: list[dict]) -> str:
+    rows: dict[str, list[dict]] = {}
+    for run in runs:
+        rows.setdefault(label(run), []).append(run)
+    lines = [
+        "| variant | seeds | val ppl | ppl / oracle | clean clouds' weight spread | degraded clouds' weight |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, seeds in rows.items():
+        seeds.sort(key=lambda r: r["seed"])
+
+        def cells(key: str, fmt: str) -> str:
+            return " / ".join("-" if r.get(key) is None else format(r[key], fmt) for r in seeds)
+
+        lines.append(
+            f"| {name} | {', '.join(str(r['seed']) for r in seeds)} | {cells('val_ppl', '.2f')} "
+            f"| {cells('ppl_vs_oracle', '.3f')} | {cells('clean_weight_spread', '.2f')} | {cells('degraded_weight', '.3f')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "degraded.json")
+    args = ap.parse_args()
+    print(table(json.loads(args.results.read_text())["runs"]))
+
+
+if __name__ == "__main__":
+    main()
