@@ -50,6 +50,11 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert lr_at(10, 100, cfg) == pytest.approx(1.0)
     assert lr_at(55, 100, cfg) == pytest.approx(0.55)
     assert lr_at(100, 100, cfg) == pytest.approx(0.1)
+    # stretched twice as long: step 100 is at (100 - 10) / (200 - 10) of the decay
+    stretched = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule_stretch=2.0)
+    assert lr_at(5, 100, stretched) == lr_at(5, 100, cfg)  # the warmup is not stretched
+    assert lr_at(100, 100, stretched) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 90 / 190)))
+    assert lr_at(200, 100, stretched) == pytest.approx(0.1)
 
 
 def test_local_training_lowers_loss_on_repetitive_text():

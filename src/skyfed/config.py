@@ -92,6 +92,9 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(20, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
+    # the cosine's length as a multiple of the steps a schedule covers (a client's expected
+    # steps, a baseline's, FedSGD's rounds): 2 = training ends halfway down the decay
+    schedule_stretch: float = Field(1.0, ge=1.0)
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping

@@ -47,12 +47,14 @@ class EvalResult:
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to `min_lr_ratio * lr` at `total_steps`."""
+    """Linear warmup, then cosine decay to `min_lr_ratio * lr` at `total_steps` x
+    `schedule_stretch` (a stretch above 1 stops before the decay's end)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    end = total_steps * cfg.schedule_stretch
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1.0, end - cfg.warmup_steps))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
