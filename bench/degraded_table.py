@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from degraded import VARIANTS  # noqa: E402
+from frontier_table import joined  # noqa: E402
 
 
 def label(run: dict) -> str:
@@ -40,14 +41,9 @@ def table(runs: list[dict]) -> str:
     ]
     for name, seeds in rows.items():
         seeds.sort(key=lambda r: r["seed"])
-
-        def cells(key: str, fmt: str) -> str:
-            return " / ".join("-" if r.get(key) is None else format(r[key], fmt) for r in seeds)
-
-        lines.append(
-            f"| {name} | {', '.join(str(r['seed']) for r in seeds)} | {cells('val_ppl', '.2f')} "
-            f"| {cells('ppl_vs_oracle', '.3f')} | {cells('clean_weight_spread', '.2f')} | {cells('degraded_weight', '.3f')} |"
-        )
+        cells = {key: joined([r.get(key) for r in seeds], fmt) for key, fmt in
+                 (("val_ppl", ".2f"), ("ppl_vs_oracle", ".3f"), ("clean_weight_spread", ".2f"), ("degraded_weight", ".3f"))}
+        lines.append(f"| {name} | {', '.join(str(r['seed']) for r in seeds)} | " + " | ".join(cells.values()) + " |")
     return "\n".join(lines)
 
 
