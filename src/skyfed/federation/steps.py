@@ -21,6 +21,7 @@ Learning-rate schedules. Each client's cosine schedule spans the steps it is exp
 take (`schedule_steps`): rounds x its steps in a synchronous run; in an asynchronous run
 with steps by speed, its share of the step budget (tasks take equal time, so every client
 finishes about the same number of tasks: budget x its steps / the sum of all clients').
+`train.schedule_stretch` then lengthens every schedule (`skyfed.train.lr_at`).
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ train.local_steps (`skyfed.federation.steps`); each task has its client's own st
 (`federation.steps_by_speed`, `clients[].local_steps`), the last ones cut to what is
 left. Every time the received steps pass one synchronous round's worth (clients x
 train.local_steps) the window closer evaluates, writes a metrics.jsonl line (plus
-version and staleness statistics) and checkpoints. The checkpoint holds the tasks in flight; a transport that restored
-its own queue (the simulation) continues exactly, any other (gRPC) sends them again.
+version and staleness statistics) and checkpoints. The checkpoint holds the tasks in
+flight; a transport that restored its own queue (the simulation) continues exactly, any
+other (gRPC) sends them again.
 """
 
 from __future__ import annotations
