@@ -52,6 +52,17 @@ def test_disk_equals_memory_bit_for_bit(tmp_path):
     assert not (tmp_path / "memory" / "clients").exists()
 
 
+def test_disk_equals_memory_with_local_steps_by_speed(tmp_path):
+    """Clients on disk share one replica, which takes each client's own step count and
+    learning-rate schedule (skyfed.federation.steps) as resident clients do."""
+    extra = ["federation.strategy.name=fedasync", "federation.steps_by_speed=true", "clouds.profiles={azure: {speed: 0.25}}"]
+    pm, rm, _, _ = _run(tmp_path, "memory", extra)
+    pd, rd, _, _ = _run(tmp_path, "disk", extra)
+    assert all(torch.equal(pm[n], pd[n]) for n in pm) and rm == rd
+    assert rd[-1]["local_steps_done"] == rd[-1]["local_steps_budget"] == 2 * 3 * 5  # smoke: 2 rounds x 5 steps
+    assert sum(r["arrivals"].count("azure") for r in rd) < sum(r["arrivals"].count("aws") for r in rd)
+
+
 @pytest.mark.parametrize("apart", [True, False], ids=["parts_apart", "one_file"])
 def test_state_files_in_the_run_dir_and_one_replica(tmp_path, monkeypatch, apart):
     import skyfed.runtime.replica as replica_mod
