@@ -108,6 +108,12 @@ def model_sets(sets: list[str]) -> list[str]:
     return [s for s in sets if not s.startswith("threads=")]
 
 
+def reference(runs: list[dict], config: str, seed: int, baseline: str | None = None) -> dict | None:
+    """The current run of `config` (with `baseline`) for `seed` without overrides."""
+    return next((e for e in runs if e["config"] == config and e.get("current", True) and e["baseline"] == baseline
+                 and e["seed"] == seed and not model_sets(e["sets"])), None)
+
+
 def key(e: dict) -> tuple:
     return (e["config"], e["config_sha256"], tuple(e["sets"]), e["baseline"], e["seed"])
 
@@ -122,15 +128,8 @@ def annotate(runs: list[dict]) -> None:
             now[e["config"]] = setting_sha(p.read_text()) if p.exists() else None
         e["current"] = now[e["config"]] == setting_sha(e["config_text"])
 
-    def ref(seed: int, baseline: str | None) -> dict | None:
-        for e in runs:
-            if (e["config"] == REFERENCE and e["current"] and not model_sets(e["sets"]) and e["baseline"] == baseline
-                    and e["seed"] == seed):
-                return e
-        return None
-
     for e in runs:
-        fed, sync = ref(e["seed"], None), ref(e["seed"], "sync")
+        fed, sync = reference(runs, REFERENCE, e["seed"]), reference(runs, REFERENCE, e["seed"], "sync")
         e["ppl_vs_fedavg_fp32"] = e["val_ppl"] / fed["val_ppl"] if fed else None
         e["ppl_vs_sync"] = e["val_ppl"] / sync["val_ppl"] if sync else None
         e["fewer_bytes_than_fedavg_fp32"] = fed["bytes"] / e["bytes"] if fed and e["bytes"] else None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from frontier import REFERENCE, model_sets  # noqa: E402
+from frontier import REFERENCE, model_sets, reference  # noqa: E402
 
 SLOW = "configs/frontier/slow-cloud.yaml"  # goal 4's FedAvg, with azure 4x slower
 SLOW_SETTING = {SLOW, "configs/frontier/async.yaml"}  # the runs timed against it
@@ -36,23 +36,28 @@ def label(run: dict) -> str:
 
 def bytes_to_reach(run: dict, runs: list[dict]) -> float | None:
     """Bytes sent until `run` first evaluated at or below fedavg-fp32's final ppl (same seed)."""
-    target = next((r["val_ppl"] for r in runs if r["config"] == REFERENCE and r.get("current", True) and r["baseline"] is None
-                   and r["seed"] == run["seed"] and not model_sets(r["sets"])), None)
-    if target is None or "curve" not in run:
+    ref = reference(runs, REFERENCE, run["seed"])
+    if ref is None or "curve" not in run:
         return None
-    return next((point[1] for point in run["curve"] if point[2] <= target), None)
+    return next((point[1] for point in run["curve"] if point[2] <= ref["val_ppl"]), None)
+
+
+def sim_end(run: dict) -> float | None:
+    """The simulated clock at `run`'s last evaluated round (None: no curve, or one recorded without the clock)."""
+    last = (run.get("curve") or [[]])[-1]
+    return last[3] if len(last) > 3 else None
 
 
 def slow_reference(run: dict, runs: list[dict]) -> dict | None:
     """slow-cloud.yaml's FedAvg run of `run`'s seed (current, no overrides), if it has a timed curve."""
-    return next((r for r in runs if r["config"] == SLOW and r.get("current", True) and r["baseline"] is None
-                 and r["seed"] == run["seed"] and not model_sets(r["sets"]) and len(r.get("curve", [[]])[-1]) > 3), None)
+    ref = reference(runs, SLOW, run["seed"])
+    return ref if ref is not None and sim_end(ref) is not None else None
 
 
 def time_to_reach(run: dict, runs: list[dict]) -> float | None:
     """Simulated seconds until `run` first evaluated at or below slow-cloud FedAvg's last evaluated ppl."""
     ref = slow_reference(run, runs)
-    if ref is None or len(run.get("curve", [[]])[-1]) <= 3:
+    if ref is None or sim_end(run) is None:
         return None
     target = ref["curve"][-1][2]
     return next((point[3] for point in run["curve"] if point[2] <= target), None)
@@ -112,9 +117,8 @@ def time_table(runs: list[dict]) -> str:
         lines.append(
             f"| {name} | {', '.join(str(r['seed']) for r in seeds)} | {joined([r['val_ppl'] for r in seeds], '.2f')} "
             f"| {joined([r['val_ppl'] / f['val_ppl'] if f else None for r, f in zip(seeds, refs)], '.3f')} "
-            f"| {joined([r['curve'][-1][3] if len(r.get('curve', [[]])[-1]) > 3 else None for r in seeds], '.2f')} "
-            f"| {joined(reach, '.2f')} "
-            f"| {joined([t / f['curve'][-1][3] if t is not None and f else None for t, f in zip(reach, refs)], '.3f')} |"
+            f"| {joined([sim_end(r) for r in seeds], '.2f')} | {joined(reach, '.2f')} "
+            f"| {joined([t / sim_end(f) if t is not None and f else None for t, f in zip(reach, refs)], '.3f')} |"
         )
     return "\n".join(lines)
 

@@ -9,10 +9,9 @@ import torch
 from skyfed.config import ExperimentConfig
 from skyfed.errors import ConfigError
 from skyfed.federation.engine import Engine
-from skyfed.federation.steps import client_steps, schedule_steps, step_budget
+from skyfed.federation.steps import client_schedules, client_steps, schedule_steps, step_budget
 from skyfed.federation.strategies import build_strategy
 from skyfed.metrics import RunDir
-from skyfed.runtime.setup import client_schedules
 from skyfed.security.secagg.compat import check_local_steps
 from skyfed.train import EvalResult
 from test_strategies_async import SimTransport, Tiny

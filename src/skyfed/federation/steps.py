@@ -59,6 +59,19 @@ def step_budget(cfg: Any) -> int:
     return cfg.federation.rounds * len(cfg.federation.clients) * cfg.train.local_steps
 
 
+def is_asynchronous(cfg: Any) -> bool:
+    """Whether the configured strategy runs in the asynchronous loop."""
+    from skyfed.federation.strategies import STRATEGIES
+
+    strategy = STRATEGIES.get(cfg.federation.strategy.name)
+    return bool(strategy is not None and strategy.asynchronous)
+
+
+def client_schedules(cfg: Any, num_params: int) -> dict[str, int]:
+    """The length of each client's learning-rate schedule, for the configured strategy."""
+    return schedule_steps(cfg, client_steps(cfg, num_params), is_asynchronous(cfg))
+
+
 def schedule_steps(cfg: Any, steps: dict[str, int], asynchronous: bool) -> dict[str, int]:
     """The length of each client's learning-rate schedule, in its own steps."""
     if asynchronous and cfg.federation.steps_by_speed:

@@ -38,10 +38,11 @@ import torch
 from skyfed.config import ExperimentConfig
 from skyfed.federation.client import FederatedClient
 from skyfed.federation.messages import ClientResult, TrainTask
+from skyfed.federation.steps import client_schedules
 from skyfed.heap import release_free_memory
 from skyfed.model import num_parameters
 from skyfed.runtime.client_state import ClientStateFiles, External, load_state, part_path, save_state
-from skyfed.runtime.setup import client_schedules, client_seed, device_for, make_client
+from skyfed.runtime.setup import client_seed, device_for, make_client
 
 Step = tuple[str, int, int, float]  # client, step, steps, loss (FederatedClient.on_step)
 # A model at least this large (fp32 bytes of its trainable parameters) has its state's parts

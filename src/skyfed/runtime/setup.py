@@ -124,18 +124,10 @@ def client_seed(cfg: ExperimentConfig, index: int) -> int:
     return cfg.seed * 1000 + index
 
 
-def client_schedules(cfg: ExperimentConfig, num_params: int) -> dict[str, int]:
-    """The length of each client's learning-rate schedule (skyfed.federation.steps)."""
-    from skyfed.federation.steps import client_steps, schedule_steps
-    from skyfed.federation.strategies import STRATEGIES
-
-    strategy = STRATEGIES.get(cfg.federation.strategy.name)
-    return schedule_steps(cfg, client_steps(cfg, num_params), bool(strategy is not None and strategy.asynchronous))
-
-
 def make_client(
     cfg: ExperimentConfig, name: str, index: int, tokens: np.ndarray, tokenizer, device: torch.device
 ) -> FederatedClient:
+    from skyfed.federation.steps import client_schedules
     from skyfed.lora_ranks import client_rank
 
     model = new_model(cfg, tokenizer, client_rank(cfg, name))

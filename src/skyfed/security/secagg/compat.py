@@ -111,7 +111,7 @@ def check_local_steps(cfg: Any) -> None:
     """Per-client local steps with secure aggregation: the secure sum bounds every update's
     tokens by train.local_steps' (its weight quantization), and the asynchronous secure
     buffer counts whole tasks."""
-    from skyfed.federation.strategies import STRATEGIES
+    from skyfed.federation.steps import is_asynchronous
 
     fed, steps = cfg.federation, cfg.train.local_steps
     over = [c.name for c in fed.clients if c.local_steps is not None and c.local_steps > steps]
@@ -121,8 +121,7 @@ def check_local_steps(cfg: Any) -> None:
             f"({steps}), the secure sum's bound on an update's tokens; raise train.local_steps"
         )
     uneven = fed.steps_by_speed or any(c.local_steps is not None for c in fed.clients)
-    strategy = STRATEGIES.get(fed.strategy.name)
-    if uneven and strategy is not None and strategy.asynchronous:
+    if uneven and is_asynchronous(cfg):
         raise ConfigError(
             f"security.secure_aggregation with {fed.strategy.name} needs equal local steps (its secure buffer counts "
             "tasks); drop federation.steps_by_speed and clients[].local_steps"
