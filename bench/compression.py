@@ -1,14 +1,17 @@
 """Communication compression benchmark: bytes vs final perplexity, and codec throughput.
 
-    PYTHONPATH=src python bench/compression.py                       # both parts (~15 min here)
-    PYTHONPATH=src python bench/compression.py --rounds 10 --steps 40  # the full default experiment
-    PYTHONPATH=src python bench/compression.py --set data.partition.method=natural --skip-throughput
+    PYTHONPATH=src python bench/compression.py --skip-throughput --only fp32 int8 lowrank6to22_int4_rim
+    PYTHONPATH=src python bench/compression.py --skip-throughput --only lowrank6to22_int4_rim_seed1
+    PYTHONPATH=src python bench/compression.py --skip-runs          # part (b) alone, on an idle machine
 
-(a) Runs the default three-cloud experiment (gpt2-tiny, WikiText-2, FedAvg) once per
-codec configuration and reports total bytes (up, down, both), their ratio to the fp32
-run of the same invocation, and the final validation perplexity and its ratio to fp32.
-By default the run is reduced (``--rounds 6 --steps 10 --final-batches 40``, one thread)
-so that the eight runs finish in about twenty minutes on a shared 2-core machine.
+(a) Runs issue 17's setting (the default three clouds, gpt2-tiny, WikiText-2, FedAvg,
+Dirichlet alpha 0.1, 10 rounds x 40 local steps, one thread, final evaluation on 40
+batches) once per named codec configuration (`RUNS`), with the fp32 row of the same
+seed, and records total bytes (up, down, both), the final validation perplexity, the
+curve, and their ratios to that fp32 row. Each row is added to the results file as it
+finishes, under a file lock, so invocations side by side fill one file; each row keeps
+the command that reproduces it, and the file's top-level `command` writes it again whole.
+An invocation with other settings than the file's is refused (use `--out`).
 
 (b) Encode + decode throughput of each codec chain on a 100M-parameter fp32 update (four
 5000x5000 tensors) on one CPU core, through the real wire path (`encode_payload` +
@@ -22,7 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
+import re
+import shlex
 import sys
 import tempfile
 import time
@@ -30,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired_runs import locked  # noqa: E402
 
 TOPK = lambda f: {"name": "topk", "fraction": f}  # noqa: E731
 RANDK = lambda f: {"name": "randk", "fraction": f}  # noqa: E731
@@ -96,46 +105,122 @@ CODECS: dict[str, list[Any]] = {
 }
 
 
-def run_experiments(args: argparse.Namespace, results: dict[str, Any], save) -> None:
+SEED_SUFFIX = re.compile(r"^(?P<base>.+)_seed(?P<seed>\d+)$")
+
+
+def row_spec(name: str) -> tuple[dict[str, Any], int]:
+    """The compression config and seed of a row: a name of RUNS, optionally ending in
+    `_seedN` (that config with seed N; the default is seed 0)."""
+    m = SEED_SUFFIX.match(name)
+    base, seed = (m["base"], int(m["seed"])) if m else (name, 0)
+    if base not in RUNS:
+        raise ValueError(f"unknown configuration {name!r}; known: {', '.join(RUNS)} (each optionally + _seedN)")
+    return RUNS[base], seed
+
+
+def fp32_of(seed: int) -> str:
+    return "fp32" if seed == 0 else f"fp32_seed{seed}"
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    return {"rounds": args.rounds, "local_steps": args.steps, "threads": args.threads,
+            "final_max_batches": args.final_batches, "set": args.set}
+
+
+def settings_flags(settings: dict[str, Any]) -> list[str]:
+    flags = ["--rounds", str(settings["rounds"]), "--steps", str(settings["local_steps"]),
+             "--threads", str(settings["threads"]), "--final-batches", str(settings["final_max_batches"])]
+    return flags + [a for s in settings["set"] for a in ("--set", s)]
+
+
+def run_row(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """One run of the experiment with row `name`'s codecs: bytes, final perplexity, curve."""
     from skyfed.config import load_config
     from skyfed.runtime.simulation import run_simulation
 
-    names = args.only or DEFAULT_RUNS
-    if "fp32" not in names:
-        names = ["fp32", *names]
-    rows = results.setdefault("runs", {})
-    if args.merge:  # continue an earlier invocation with the same settings: reuse its rows
-        rows.update(json.loads(Path(args.merge).read_text()).get("runs", {}))
+    compression, seed = row_spec(name)
+    overrides = [f"federation.rounds={settings['rounds']}", f"train.local_steps={settings['local_steps']}",
+                 f"threads={settings['threads']}", f"eval.final_max_batches={settings['final_max_batches'] or 'null'}",
+                 f"compression={json.dumps(compression)}", f"seed={seed}", *settings["set"]]
+    cfg = load_config(None, "default", overrides)
+    load_start = os.getloadavg()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        _, summary = run_simulation(cfg, Path(tmp) / name)
+        lines = (Path(tmp) / name / "metrics.jsonl").read_text().splitlines()
+    tot = summary["total"]
+    return {
+        "compression": compression, "seed": seed, "val_ppl": summary["final"]["val_ppl"],
+        "bytes_up": tot["bytes_up"], "bytes_down": tot["bytes_down"], "bytes": tot["bytes"],
+        "compression_ratio_up": tot.get("compression_ratio_up"), "compression_ratio_down": tot.get("compression_ratio_down"),
+        "val_ppl_by_round": [m["val_ppl"] for m in map(json.loads, lines) if "val_ppl" in m],
+        "wall_s": time.perf_counter() - t0, "load_start": list(load_start), "load_end": list(os.getloadavg()),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": "PYTHONPATH=src python bench/compression.py " + shlex.join(
+            ["--skip-throughput", *settings_flags(settings), "--only", name]),
+    }
+
+
+def annotate(results: dict[str, Any]) -> None:
+    """Ratios of every row to the fp32 row of its seed, and the top-level command: the
+    invocations that write the file again (the runs, then the throughput part)."""
+    rows = results.get("runs", {})
+    for row in rows.values():
+        base = rows.get(fp32_of(row.get("seed", 0)))
+        for key, ratio in (("ppl_vs_fp32", "val_ppl"), ("bytes_vs_fp32", "bytes"), ("bytes_up_vs_fp32", "bytes_up")):
+            row[key] = row[ratio] / base[ratio] if base else None
+    commands = []
+    if rows:
+        commands.append("PYTHONPATH=src python bench/compression.py " + shlex.join(
+            ["--skip-throughput", *settings_flags(results["settings"]), "--only", *rows]))
+    if "throughput" in results:
+        commands.append(results["throughput"]["command"])
+    results["command"] = " && ".join(commands)
+
+
+def update(out: Path, change) -> dict[str, Any]:
+    """Read `out` under its lock, apply `change` (a function of the results dict), annotate
+    and write it: invocations side by side add their rows one at a time."""
+    with locked(out):
+        results = json.loads(out.read_text()) if out.exists() else {"benchmark": "compression"}
+        change(results)
+        annotate(results)
+        out.write_text(json.dumps(results, indent=1) + "\n")
+        return results
+
+
+def planned_rows(args: argparse.Namespace, out: Path) -> list[str]:
+    """The rows to run, each after the fp32 row of its seed; ValueError for an unknown name
+    or a results file with other settings."""
+    settings = settings_of(args)
+    existing = json.loads(out.read_text()) if out.exists() else {}
+    if existing.get("settings", settings) != settings:
+        raise ValueError(f"{out} holds runs with settings {existing['settings']}, not {settings}; "
+                         "write to another file with --out")
+    names = list(dict.fromkeys(args.only or DEFAULT_RUNS))
+    seeds = [row_spec(n)[1] for n in names]
+    return list(dict.fromkeys([*(fp32_of(s) for s in seeds), *names]))
+
+
+def run_experiments(args: argparse.Namespace, out: Path, names: list[str]) -> None:
+    settings = settings_of(args)
+    existing = json.loads(out.read_text()) if out.exists() else {}
     for name in names:
-        if name in rows:
+        if name in existing.get("runs", {}) and not args.rerun:
             continue
-        overrides = [f"federation.rounds={args.rounds}", f"train.local_steps={args.steps}", f"threads={args.threads}",
-                     f"eval.final_max_batches={args.final_batches or 'null'}",
-                     f"compression={json.dumps(RUNS[name])}", *args.set]
-        cfg = load_config(None, "default", overrides)
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            _, summary = run_simulation(cfg, Path(tmp) / name)
-            lines = (Path(tmp) / name / "metrics.jsonl").read_text().splitlines()
-        curve = [m["val_ppl"] for m in map(json.loads, lines) if "val_ppl" in m]
-        tot = summary["total"]
-        rows[name] = {
-            "compression": RUNS[name], "val_ppl": summary["final"]["val_ppl"], "bytes_up": tot["bytes_up"],
-            "bytes_down": tot["bytes_down"], "bytes": tot["bytes"], "compression_ratio_up": tot.get("compression_ratio_up"),
-            "compression_ratio_down": tot.get("compression_ratio_down"), "wall_s": time.perf_counter() - t0,
-            "val_ppl_by_round": curve,
-        }
-        base = rows["fp32"]
-        for row in rows.values():
-            row["ppl_vs_fp32"] = row["val_ppl"] / base["val_ppl"]
-            row["bytes_vs_fp32"] = row["bytes"] / base["bytes"]
-            row["bytes_up_vs_fp32"] = row["bytes_up"] / base["bytes_up"]
-        print(f"{name:12s} ppl {rows[name]['val_ppl']:8.2f} ({rows[name]['ppl_vs_fp32']:.3f}x)  "
-              f"bytes {rows[name]['bytes']:12d} ({rows[name]['bytes_vs_fp32']:.4f}x)  {rows[name]['wall_s']:.0f}s", flush=True)
-        save()
+        row = run_row(name, settings)
+
+        def add_row(results: dict[str, Any], name: str = name, row: dict[str, Any] = row) -> None:
+            results.setdefault("settings", settings)
+            results["runs"] = {**results.get("runs", {}), name: row}
+
+        rows = update(out, add_row)["runs"]
+        r = rows[name]
+        vs = f"({r['ppl_vs_fp32']:.3f}x)  bytes {r['bytes']:12d} ({r['bytes_vs_fp32']:.4f}x)" if r["ppl_vs_fp32"] else ""
+        print(f"{name:24s} ppl {r['val_ppl']:8.2f} {vs}  {r['wall_s']:.0f}s", flush=True)
 
 
-def run_throughput(args: argparse.Namespace, results: dict[str, Any], save) -> None:
+def run_throughput(args: argparse.Namespace, out: Path) -> None:
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
 
@@ -158,56 +243,60 @@ def run_throughput(args: argparse.Namespace, results: dict[str, Any], save) -> N
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    out = results.setdefault("throughput", {"fp32_input_gb": gb, "threads": 1, "codecs": {}})
+    part: dict[str, Any] = {"fp32_input_gb": gb, "threads": 1, "repeats": args.repeats, "codecs": {},
+                            "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+                            "load_start": list(os.getloadavg())}
     plain = best(lambda: st_load(st_save(tensors)))
-    out["safetensors_gbps"] = gb / plain
+    part["safetensors_gbps"] = gb / plain
     print(f"safetensors save+load: {gb / plain:.2f} GB/s", flush=True)
     for name, specs in CODECS.items():
         chain = Chain.from_specs(specs)
         nbytes = len(encode_payload(tensors, chain))
         secs = best(lambda: decode_payload(encode_payload(tensors, chain), spec))
         enc = best(lambda: encode_payload(tensors, chain))
-        out["codecs"][name] = {"chain": specs, "bytes": nbytes, "bytes_vs_fp32": nbytes / (gb * 1e9),
-                               "encode_decode_gbps": gb / secs, "encode_gbps": gb / enc,
-                               "vs_safetensors": plain / secs}
+        part["codecs"][name] = {"chain": specs, "bytes": nbytes, "bytes_vs_fp32": nbytes / (gb * 1e9),
+                                "encode_decode_gbps": gb / secs, "encode_gbps": gb / enc,
+                                "vs_safetensors": plain / secs}
         print(f"{name:16s} {gb / secs:6.2f} GB/s ({plain / secs:.2f}x safetensors), encode {gb / enc:.2f} GB/s, "
               f"{nbytes / (gb * 1e9):.4f} of fp32 bytes", flush=True)
-        save()
+    part["load_end"] = list(os.getloadavg())
+    part["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    part["command"] = "PYTHONPATH=src python bench/compression.py " + shlex.join(
+        ["--skip-runs", "--numel", str(args.numel), "--repeats", str(args.repeats)])
+    update(out, lambda results: results.__setitem__("throughput", part))
+
+
+ISSUE_SETTING = ["data.partition.method=dirichlet", "data.partition.alpha=0.1"]
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench/results/compression.json")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--steps", type=int, default=10, help="local steps per round")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--steps", type=int, default=40, help="local steps per round")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--final-batches", type=int, default=40, help="eval.final_max_batches (0 = the whole split)")
-    p.add_argument("--set", action="append", default=[], help="config override passed through, e.g. data.partition.method=natural")
-    p.add_argument("--only", nargs="*", help=f"run configurations (fp32 is always run): {', '.join(RUNS)}")
-    p.add_argument("--merge", help="a results JSON of an earlier run with the same settings: reuse its rows (fp32 included)")
+    p.add_argument("--set", action="append", default=None,
+                   help=f"config override passed through (default: {' '.join(ISSUE_SETTING)})")
+    p.add_argument("--only", nargs="*", help=f"rows to run (with the fp32 row of their seed): {', '.join(RUNS)}; "
+                                             "a name + _seedN runs that config with seed N")
+    p.add_argument("--rerun", action="store_true", help="run rows the file already holds again")
     p.add_argument("--numel", type=int, default=100_000_000, help="values in the throughput update")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--skip-runs", action="store_true")
     p.add_argument("--skip-throughput", action="store_true")
     args = p.parse_args(argv)
+    args.set = ISSUE_SETTING if args.set is None else args.set
     logging.basicConfig(level=logging.WARNING)
-    results: dict[str, Any] = {
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads available, torch {torch.__version__}",
-        "settings": {"rounds": args.rounds, "local_steps": args.steps, "threads": args.threads,
-                     "final_max_batches": args.final_batches, "set": args.set},
-    }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    def save() -> None:
-        out.write_text(json.dumps(results, indent=2))
-
+    try:
+        names = [] if args.skip_runs else planned_rows(args, out)  # checked before anything runs
+    except ValueError as exc:
+        p.error(str(exc))
     if not args.skip_throughput:
-        run_throughput(args, results, save)
+        run_throughput(args, out)
     if not args.skip_runs:
-        run_experiments(args, results, save)
-    save()
+        run_experiments(args, out, names)
     print(f"wrote {out}")
 
 

@@ -24,6 +24,8 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+import compression_table  # noqa: E402
+
 MARKED = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
 
@@ -43,8 +45,34 @@ def _degraded() -> str:
     return table(json.loads((ROOT / "bench/results/degraded.json").read_text())["runs"])
 
 
+def _compression(rows: list[str] | None) -> Callable[[], str]:
+    def make() -> str:
+        from compression_table import runs_table, throughput_table
+
+        results = json.loads((ROOT / "bench/results/compression.json").read_text())
+        return throughput_table(results["throughput"]) if rows is None else runs_table(results["runs"], rows)
+
+    return make
+
+
+def _paper(experiment: str) -> Callable[[], str]:
+    def make() -> str:
+        import paper_tables
+
+        return getattr(paper_tables, experiment)()
+
+    return make
+
+
 # name -> (the JSON it comes from, the function that prints it)
 TABLES: dict[str, tuple[str, Callable[[], str]]] = {
+    **{f"paper-{e.replace('_', '-')}": ("bench/results/suite-paper/", _paper(e))
+       for e in ("aggregation", "alpha_sweep", "synchronization", "compression")},
+    "compression-classic": ("bench/results/compression.json", _compression(compression_table.CLASSIC)),
+    "compression-residual-in-model": ("bench/results/compression.json", _compression(compression_table.RESIDUAL_IN_MODEL)),
+    "compression-splits-and-schedules": ("bench/results/compression.json", _compression(compression_table.SPLITS_AND_SCHEDULES)),
+    "compression-seeds": ("bench/results/compression.json", _compression(compression_table.SEEDS)),
+    "compression-throughput": ("bench/results/compression.json", _compression(None)),
     "frontier-bytes": ("bench/results/frontier.json", _frontier("bytes")),
     "frontier-slow-cloud": ("bench/results/frontier.json", _frontier("time")),
     "degraded": ("bench/results/degraded.json", _degraded),

@@ -185,7 +185,8 @@ COLUMNS = [  # key, header, format (of the mean and of the std)
 ]
 
 
-def _cell(stat: tuple[float, float, int] | None, fmt) -> str:
+def stat_cell(stat: tuple[float, float, int] | None, fmt) -> str:
+    """A table cell for (mean, std, n): "mean ± std" with `fmt`, the mean alone for one run, "–" for none."""
     if stat is None:
         return "–"
     mean, std, n = stat
@@ -204,8 +205,8 @@ def comparison_table(groups: list[Group]) -> tuple[str, list[dict[str, Any]]]:
     records = []
     for g, s in zip(groups, stats):
         cells = [g.label, str(len(g.runs))]
-        cells += [_cell(s.get(key), fmt) for key, _, fmt in cols]
-        cells += [_cell(s.get(k), lambda v: f"{v:.1f}") for k in ratio_keys]
+        cells += [stat_cell(s.get(key), fmt) for key, _, fmt in cols]
+        cells += [stat_cell(s.get(k), lambda v: f"{v:.1f}") for k in ratio_keys]
         lines.append("| " + " | ".join(cells) + " |")
         rec: dict[str, Any] = {"label": g.label, "seeds": [r.seed for r in g.runs], "runs": [str(r.path) for r in g.runs]}
         for k, v in s.items():
