@@ -85,6 +85,8 @@ for _name in ("int8", "int4", "topk10", "topk1", "lowrank12_int4", "lowrank16_in
     RUNS[f"{_name}_rim"] = {**RUNS[_name], "residual_in_model": True}
 for _name, (_up, _down) in {"up12_down16": (12, 16), "up10_down18": (10, 18), "up16_down12": (16, 12), "up7_down21": (7, 21)}.items():
     RUNS[f"{_name}_int4_rim"] = {"uplink": [LOWRANK(_up), "int4"], "downlink": [LOWRANK(_down), "int4"], "residual_in_model": True}
+RUNS["up16_down15_int4_block512_rim"] = {"uplink": [LOWRANK(16), {"name": "int4", "block": 512}],
+                                         "downlink": [LOWRANK(15), {"name": "int4", "block": 512}], "residual_in_model": True}
 RUNS["lowrank16_int8_rim"] = {"uplink": [LOWRANK(16), "int8"], "downlink": [LOWRANK(16), "int8"], "residual_in_model": True}
 DEFAULT_RUNS = ["fp32", "int8", "int4", "topk10", "topk10_noef", "topk1", "topk1_noef", "topk1_int8", "lowrank12_int4", "lowrank16_int4"]
 

@@ -12,7 +12,7 @@ RESIDUAL_IN_MODEL = ["int8_rim", "int4_rim", "topk10_rim", "topk1_rim", "lowrank
                      "lowrank16_int8_rim", "lowrank6to22_int4_rim", "up_lowrank16_int4_rim"]
 SPLITS_AND_SCHEDULES = ["up12_down16_int4_rim", "up10_down18_int4_rim", "up16_down12_int4_rim", "up7_down21_int4_rim",
                         "lowrank10to20_int4_rim", "lowrank22to12_int4_rim", "lowrank10to18_int4_rim",
-                        "lowrank2to28_int4_rim", "lowrank4to22_int4_rim"]
+                        "lowrank2to28_int4_rim", "lowrank4to22_int4_rim", "up16_down15_int4_block512_rim"]
 SEEDS = ["fp32_seed1", "lowrank6to22_int4_rim_seed1"]
 
 

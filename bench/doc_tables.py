@@ -64,6 +64,12 @@ def _paper(experiment: str) -> Callable[[], str]:
     return make
 
 
+def _vs_flower() -> str:
+    from vs_flower_table import summary
+
+    return summary(json.loads((ROOT / "bench/results/vs_flower.json").read_text()))
+
+
 # name -> (the JSON it comes from, the function that prints it)
 TABLES: dict[str, tuple[str, Callable[[], str]]] = {
     **{f"paper-{e.replace('_', '-')}": ("bench/results/suite-paper/", _paper(e))
@@ -76,6 +82,7 @@ TABLES: dict[str, tuple[str, Callable[[], str]]] = {
     "frontier-bytes": ("bench/results/frontier.json", _frontier("bytes")),
     "frontier-slow-cloud": ("bench/results/frontier.json", _frontier("time")),
     "degraded": ("bench/results/degraded.json", _degraded),
+    "vs-flower-summary": ("bench/results/vs_flower.json", _vs_flower),
 }
 
 
