@@ -64,10 +64,13 @@ def _paper(experiment: str) -> Callable[[], str]:
     return make
 
 
-def _vs_flower() -> str:
-    from vs_flower_table import summary
+def _vs_flower(kind: str) -> Callable[[], str]:
+    def make() -> str:
+        import vs_flower_table
 
-    return summary(json.loads((ROOT / "bench/results/vs_flower.json").read_text()))
+        return getattr(vs_flower_table, kind)(json.loads((ROOT / "bench/results/vs_flower.json").read_text()))
+
+    return make
 
 
 # name -> (the JSON it comes from, the function that prints it)
@@ -82,7 +85,7 @@ TABLES: dict[str, tuple[str, Callable[[], str]]] = {
     "frontier-bytes": ("bench/results/frontier.json", _frontier("bytes")),
     "frontier-slow-cloud": ("bench/results/frontier.json", _frontier("time")),
     "degraded": ("bench/results/degraded.json", _degraded),
-    "vs-flower-summary": ("bench/results/vs_flower.json", _vs_flower),
+    **{f"vs-flower-{kind}": ("bench/results/vs_flower.json", _vs_flower(kind)) for kind in ("summary", "full", "compressed")},
 }
 
 
