@@ -38,14 +38,19 @@ test: setup .venv-sky/bin/python
 test-fast: setup
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not processes"
 
-# The paper's three experiments (48 runs, ~45 min on 2 cores) into runs/suite-paper/; docs/results.md.
+# The paper's three experiments (45 runs, 120 min measured at one thread a run) into runs/suite-paper/; docs/results.md.
+# `PYTHONPATH=src .venv/bin/python bench/paper_suite.py collect` then commits their summaries.
 paper: setup
 	$(BIN)/skyfed suite paper
 
-# Rewrite the generated tables in docs/ (between <!-- table: NAME --> markers) from the
-# committed bench/results JSON files (bench/doc_tables.py; --check only compares).
+# Rewrite the generated tables in docs/ (between <!-- table: NAME --> markers) and the
+# figures of docs/results.md's experiments and docs/compression.md from the committed
+# bench/results files: the JSONs and the paper suite's run summaries (bench/doc_tables.py,
+# --check only compares; bench/paper_suite.py; bench/plot_compression.py).
 tables: setup
 	PYTHONPATH=src $(BIN)/python bench/doc_tables.py
+	PYTHONPATH=src $(BIN)/python bench/paper_suite.py figures
+	PYTHONPATH=src $(BIN)/python bench/plot_compression.py
 
 # 10^5 mutated inputs per target through the update decoder, the client's model receiver and
 # the gRPC PushUpdate handler (bench/fuzz.py); writes bench/results/fuzz.json. ARGS="--n 2000" for a short run.

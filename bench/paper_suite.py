@@ -54,7 +54,7 @@ def collect(source: Path) -> dict:
         wall += json.loads((run.dir / "summary.json").read_text()).get("wall_time_s") or 0.0
     info = {
         "command": "skyfed suite paper && PYTHONPATH=src python bench/paper_suite.py collect",
-        "manifest": str(spec.path.relative_to(ROOT)), "manifest_sha256": hashlib.sha256(spec.path.read_bytes()).hexdigest(),
+        "manifest": str(spec.path.resolve().relative_to(ROOT)), "manifest_sha256": hashlib.sha256(spec.path.read_bytes()).hexdigest(),
         "runs": len(plan), "runs_wall_s": wall, "collected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (COMMITTED / "collected.json").write_text(json.dumps(info, indent=1) + "\n")

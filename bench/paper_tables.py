@@ -34,7 +34,7 @@ def aggregation() -> str:
     lines = []
     for g in groups("aggregation"):
         s, cells = first_cells(g)
-        lines.append([*cells, f"{s['total_gb'][0]:.4f}", PAPER.get(g.label, "")])
+        lines.append([*cells, f"{s['total_gb'][0]:.4f}" if s["total_gb"][0] else "0", PAPER.get(g.label, "")])
     return rows(["run", "seeds", "next-token acc (%)", "val perplexity", "total GB", "paper: accuracy, GB"], lines)
 
 
@@ -53,7 +53,7 @@ def synchronization() -> str:
     lines = []
     for g in groups("synchronization"):
         s, cells = first_cells(g)
-        lines.append([*cells, stat_cell(s["sim_time_s"], lambda v: f"{v:.1f}"), f"{s['egress_usd'][0]:.5f}"])
+        lines.append([*cells, f"{s['sim_time_s'][0]:.2f}", f"{s['egress_usd'][0]:.5f}"])  # the same for every seed
     return rows(["run", "seeds", "next-token acc (%)", "val perplexity", "simulated time (s)", "egress (USD)"], lines)
 
 
