@@ -39,3 +39,12 @@ def throughput_table(part: dict[str, Any]) -> str:
         lines.append(f"| `{name}` | {c['bytes_vs_fp32']:.2%} | {c['encode_decode_gbps']:.3f} | {c['vs_safetensors']:.2f}x "
                      f"| {c['encode_gbps']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def not_measured(runs: dict[str, dict[str, Any]]) -> str:
+    """The configurations of bench/compression.py's RUNS that the file holds no row of."""
+    from compression import RUNS
+
+    missing = [f"`{name}`" for name in RUNS if name not in runs]
+    return (f"Not measured in this file ({len(missing)} of {len(RUNS)} configurations of `RUNS`; "
+            f"`--only NAME` adds one): {', '.join(missing)}.\n") if missing else "Every configuration of `RUNS` is measured.\n"

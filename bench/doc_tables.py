@@ -45,11 +45,13 @@ def _degraded() -> str:
     return table(json.loads((ROOT / "bench/results/degraded.json").read_text())["runs"])
 
 
-def _compression(rows: list[str] | None) -> Callable[[], str]:
+def _compression(rows: list[str] | None | str) -> Callable[[], str]:
     def make() -> str:
-        from compression_table import runs_table, throughput_table
+        from compression_table import not_measured, runs_table, throughput_table
 
         results = json.loads((ROOT / "bench/results/compression.json").read_text())
+        if rows == "not-measured":
+            return not_measured(results["runs"])
         return throughput_table(results["throughput"]) if rows is None else runs_table(results["runs"], rows)
 
     return make
@@ -82,6 +84,7 @@ TABLES: dict[str, tuple[str, Callable[[], str]]] = {
     "compression-splits-and-schedules": ("bench/results/compression.json", _compression(compression_table.SPLITS_AND_SCHEDULES)),
     "compression-seeds": ("bench/results/compression.json", _compression(compression_table.SEEDS)),
     "compression-throughput": ("bench/results/compression.json", _compression(None)),
+    "compression-not-measured": ("bench/results/compression.json", _compression("not-measured")),
     "frontier-bytes": ("bench/results/frontier.json", _frontier("bytes")),
     "frontier-slow-cloud": ("bench/results/frontier.json", _frontier("time")),
     "degraded": ("bench/results/degraded.json", _degraded),
