@@ -6,7 +6,8 @@ redraw docs/results.md's figures from them.
     PYTHONPATH=src python bench/paper_suite.py figures            # -> docs/results/*.png (make tables)
 
 `collect` copies each planned run's `config.yaml`, `summary.json` and `metrics.jsonl`
-(about 25 KB; no model, checkpoint or client state) into bench/results/suite-paper/, in
+(about 25 KB; no model, checkpoint or client state; each summary gains a top-level
+`command` that re-runs it) into bench/results/suite-paper/, in
 the suite's own layout (EXPERIMENT/runs/RUN/), so `skyfed.suite.write_reports` and
 skyfed.report read it like a suite output folder. `collected.json` records the command,
 the manifest's SHA-256, the runs' summed wall time and when it was collected. The
@@ -51,7 +52,10 @@ def collect(source: Path) -> dict:
         dest.mkdir(parents=True)
         for name in KEPT:
             shutil.copyfile(run.dir / name, dest / name)
-        wall += json.loads((run.dir / "summary.json").read_text()).get("wall_time_s") or 0.0
+        summary = json.loads((run.dir / "summary.json").read_text())
+        command = f"skyfed suite paper --only {run.experiment} && PYTHONPATH=src python bench/paper_suite.py collect"
+        (dest / "summary.json").write_text(json.dumps({"command": command, **summary}, indent=2) + "\n")
+        wall += summary.get("wall_time_s") or 0.0
     info = {
         "command": "skyfed suite paper && PYTHONPATH=src python bench/paper_suite.py collect",
         "manifest": str(spec.path.resolve().relative_to(ROOT)), "manifest_sha256": hashlib.sha256(spec.path.read_bytes()).hexdigest(),
